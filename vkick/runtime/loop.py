@@ -1,0 +1,121 @@
+"""A virtual-time asyncio event loop.
+
+The loop's clock is a :class:`~vkick.runtime.clock.VirtualClock`.  When no callback is ready
+the loop does not sleep: its selector jumps the clock to the earliest timer.  When there is
+neither a ready callback nor a timer, every task is blocked; the loop then runs its idle
+hooks (quiescence waiters, the deadlock detector) and, if there are none, raises
+:class:`LoopIdleError` rather than waiting forever.
+
+Ordering is deterministic: ready callbacks run FIFO, timers pop in (when, heap order) and the
+heap is fed in a deterministic order, so one seed gives one schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from vkick.runtime.clock import NS_PER_S, VirtualClock
+
+
+class LoopIdleError(RuntimeError):
+    """Every task is blocked, no timer is pending and nobody asked to be told."""
+
+
+class _Map(Mapping[Any, selectors.SelectorKey]):
+    def __init__(self, keys: dict[int, selectors.SelectorKey]) -> None:
+        self._keys = keys
+
+    def __getitem__(self, fileobj: Any) -> selectors.SelectorKey:
+        return self._keys[selectors._fileobj_to_fd(fileobj)]  # type: ignore[attr-defined]  # stdlib helper
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __iter__(self) -> Any:
+        return iter(self._keys)
+
+
+class _VirtualSelector(selectors.BaseSelector):
+    """Accepts registrations (the loop's self-pipe) but never reports I/O: the emulation
+    does none.  ``select`` is where virtual time advances."""
+
+    def __init__(self) -> None:
+        self._keys: dict[int, selectors.SelectorKey] = {}
+        self.loop: VirtualEventLoop | None = None
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        fd = selectors._fileobj_to_fd(fileobj)  # type: ignore[attr-defined]  # stdlib helper
+        key = selectors.SelectorKey(fileobj, fd, events, data)
+        self._keys[fd] = key
+        return key
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        return self._keys.pop(selectors._fileobj_to_fd(fileobj))  # type: ignore[attr-defined]  # stdlib helper
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        loop = self.loop
+        assert loop is not None
+        if timeout is None:
+            loop._went_idle()
+        elif timeout > 0:
+            loop._advance_to_next_timer()
+        return []
+
+    def close(self) -> None:
+        self._keys.clear()
+
+    def get_map(self) -> Mapping[Any, selectors.SelectorKey]:
+        return _Map(self._keys)
+
+
+class VirtualEventLoop(asyncio.SelectorEventLoop):
+    """asyncio loop whose ``time()`` is virtual and which never sleeps."""
+
+    def __init__(self) -> None:
+        selector = _VirtualSelector()
+        super().__init__(selector)
+        selector.loop = self
+        self.clock = VirtualClock()
+        self._idle_hooks: list[Callable[[], None]] = []
+        self._clock_resolution = 1e-9
+        self.deadlock_handler: Callable[[], None] | None = None
+
+    def time(self) -> float:
+        return self.clock.ns / NS_PER_S
+
+    def now_ns(self) -> int:
+        return self.clock.ns
+
+    def call_at_ns(self, when_ns: int, callback: Callable[..., Any], *args: Any) -> asyncio.TimerHandle:
+        """``call_at`` with an integer-ns deadline (exact: the clock lands on ``when_ns``)."""
+        return self.call_at(when_ns / NS_PER_S, callback, *args)
+
+    def add_idle_hook(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` (once) the next time every task is blocked with no timer pending."""
+        self._idle_hooks.append(hook)
+
+    def remove_idle_hook(self, hook: Callable[[], None]) -> None:
+        try:
+            self._idle_hooks.remove(hook)
+        except ValueError:
+            pass
+
+    def _advance_to_next_timer(self) -> None:
+        scheduled = self._scheduled  # type: ignore[attr-defined]  # BaseEventLoop internals
+        if scheduled and scheduled[0]._when != float("inf"):
+            when_ns = round(scheduled[0]._when * NS_PER_S)
+            if when_ns > self.clock.ns:
+                self.clock.ns = when_ns
+
+    def _went_idle(self) -> None:
+        hooks = self._idle_hooks
+        if not hooks:
+            if self.deadlock_handler is None:
+                raise LoopIdleError("every task is blocked and no timer is pending")
+            hooks = [self.deadlock_handler]
+        self._idle_hooks = []
+        for hook in hooks:
+            self.call_soon(hook)
