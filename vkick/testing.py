@@ -1,0 +1,26 @@
+"""Public helpers for testing code that embeds vkick (like ``structlog.testing``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from vkick.runtime.events import EventBus
+
+
+@contextmanager
+def capture_events(bus: EventBus, *names: str) -> Iterator[list[dict[str, Any]]]:
+    """Collect a copy of every event record emitted on ``bus`` (only ``names`` if given)."""
+    wanted = frozenset(names)
+    records: list[dict[str, Any]] = []
+
+    def sink(record: dict[str, Any]) -> None:
+        if not wanted or record["ev"] in wanted:
+            records.append(dict(record))
+
+    unsubscribe = bus.subscribe(sink)
+    try:
+        yield records
+    finally:
+        unsubscribe()
