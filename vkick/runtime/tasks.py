@@ -160,7 +160,17 @@ class Runtime:
         if self._tg is None:
             self.start()
         assert self._tg is not None
-        self._tg.start_soon(self._guard, name, fn, args, name=name)
+        if self.loop.is_running():
+            self._tg.start_soon(self._guard, name, fn, args, name=name)
+        else:
+            # anyio's start_soon needs a running loop; defer to the loop's first turn
+            # (spawn order is kept: call_soon is FIFO).
+            self.loop.call_soon(self._start_soon, name, fn, args)
+
+    def _start_soon(self, name: str, fn: Callable[..., Coroutine[Any, Any, Any]],
+                    args: tuple[Any, ...]) -> None:
+        if self._tg is not None:
+            self._tg.start_soon(self._guard, name, fn, args, name=name)
 
     async def _guard(self, name: str, fn: Callable[..., Coroutine[Any, Any, Any]],
                      args: tuple[Any, ...]) -> None:
