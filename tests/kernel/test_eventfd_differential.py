@@ -43,14 +43,14 @@ def _os_read(fd: int) -> int:
     try:
         return os.eventfd_read(fd)
     except OSError as exc:
-        return -exc.errno
+        return -(exc.errno or 0)
 
 
 def _os_write(fd: int, value: int) -> int:
     try:
         os.eventfd_write(fd, value)
     except OSError as exc:
-        return -exc.errno
+        return -(exc.errno or 0)
     return 8
 
 
@@ -110,4 +110,4 @@ def test_eventfd_ctx_create_rejects_unknown_flags_like_linux(rt: Runtime, bad: i
     flags = bad | EFD_NONBLOCK
     with pytest.raises(OSError) as exc:
         os.close(os.eventfd(0, flags))
-    assert eventfd_ctx_create(rt, 0, flags) == -exc.value.errno == -errno.EINVAL
+    assert eventfd_ctx_create(rt, 0, flags) == -(exc.value.errno or 0) == -errno.EINVAL
