@@ -1,0 +1,102 @@
+"""Task hop cost: ping-pong between two tasks, N hops (one hop = one task hands the turn
+to the other and the other runs).
+
+(1) bare asyncio, asyncio.Future hand-off, default loop
+(2) the same on vkick's VirtualEventLoop
+(3) the vkick path: TaskStruct + set_current_state/schedule/wake_up_process + rt.preempt()
+    (policy none), tasks spawned with rt.spawn, on the VirtualEventLoop
+(4) the same as (1) on uvloop
+Prints ns/hop and the ratio (3)/(2) (target ≤ 1.3).  Run: python bench/bench_runtime.py [N]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+from vkick.kernel.sched import (
+    TASK_INTERRUPTIBLE,
+    TASK_RUNNING,
+    TaskStruct,
+    schedule,
+    set_current_state,
+    wake_up_process,
+)
+from vkick.runtime import Runtime
+from vkick.runtime.loop import VirtualEventLoop
+
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
+
+
+async def _bare_pingpong(n: int) -> None:
+    loop = asyncio.get_running_loop()
+    futs: list[asyncio.Future[None]] = [loop.create_future(), loop.create_future()]
+    futs[0].set_result(None)
+
+    async def player(idx: int) -> None:
+        for _ in range(n // 2):
+            await futs[idx]
+            futs[idx] = loop.create_future()
+            futs[1 - idx].set_result(None)
+
+    await asyncio.gather(player(0), player(1))
+
+
+def bench_bare(loop: asyncio.AbstractEventLoop, n: int) -> float:
+    t0 = time.perf_counter_ns()
+    loop.run_until_complete(_bare_pingpong(n))
+    t1 = time.perf_counter_ns()
+    loop.close()
+    return (t1 - t0) / n
+
+
+def bench_vkick(n: int) -> float:
+    rt = Runtime()
+    turn = [0]
+
+    async def player(idx: int, me: TaskStruct, other: TaskStruct) -> None:
+        for _ in range(n // 2):
+            # Sleep until it is my turn (lost-wakeup-safe: state before the check).
+            while True:
+                set_current_state(me, TASK_INTERRUPTIBLE)
+                if turn[0] == idx:
+                    me.state = TASK_RUNNING
+                    break
+                await schedule(me, "my turn")
+            await rt.preempt("W-PI-send")
+            turn[0] = 1 - idx
+            wake_up_process(other)
+
+    async def main() -> float:
+        a, b = TaskStruct(rt, "a"), TaskStruct(rt, "b")
+        t0 = time.perf_counter_ns()
+        rt.spawn("a", player, 0, a, b)
+        rt.spawn("b", player, 1, b, a)
+        await rt.wait_quiescent()
+        return (time.perf_counter_ns() - t0) / n
+
+    return rt.run(main)
+
+
+def main() -> None:
+    results: dict[str, float] = {}
+    results["(1) asyncio default loop"] = bench_bare(asyncio.new_event_loop(), N)
+    results["(2) asyncio on VirtualEventLoop"] = bench_bare(VirtualEventLoop(), N)
+    results["(3) vkick TaskStruct/schedule/preempt"] = bench_vkick(N)
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        pass
+    else:
+        results["(4) asyncio on uvloop"] = bench_bare(uvloop.new_event_loop(), N)
+    print(f"task hop cost, N = {N} hops")
+    for name, ns in results.items():
+        print(f"  {name:42s} {ns:8.0f} ns/hop")
+    ratio = results["(3) vkick TaskStruct/schedule/preempt"] / results[
+        "(2) asyncio on VirtualEventLoop"]
+    print(f"  ratio (3)/(2) = {ratio:.2f}  (target ≤ 1.3)")
+
+
+if __name__ == "__main__":
+    main()
