@@ -11,8 +11,10 @@ workqueue worker and the vhost worker all sleep through this.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Final
 
+from vkick.runtime.sched import DONE
 from vkick.runtime.tasks import Runtime
 
 TASK_RUNNING: Final = 0x0000
@@ -24,14 +26,22 @@ TASK_NORMAL: Final = TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE
 class TaskStruct:
     """include/linux/sched.h: struct task_struct (state and the sleep handle only)."""
 
-    __slots__ = ("_fut", "comm", "cpu", "rt", "state")
+    __slots__ = ("_fut", "_loop", "comm", "cpu", "rt", "state", "why")
 
     def __init__(self, rt: Runtime, comm: str, cpu: int = -1) -> None:
         self.rt = rt
         self.comm = comm  # task name; also the supervised asyncio task's name
         self.cpu = cpu  # the CPU it last ran on (smp_processor_id while running)
         self.state = TASK_RUNNING
+        self.why = ""  # what it sleeps on, for deadlock reports
         self._fut: asyncio.Future[None] | None = None
+        self._loop = rt.loop
+        rt.kthreads.append(self)
+
+    @property
+    def sleeping(self) -> bool:
+        fut = self._fut
+        return fut is not None and not fut.done()
 
     def __repr__(self) -> str:
         state = "RUNNING" if self.state == TASK_RUNNING else f"sleeping({self.state:#x})"
@@ -43,24 +53,21 @@ def set_current_state(task: TaskStruct, state: int) -> None:
     task.state = state
 
 
-async def schedule(task: TaskStruct, why: str = "") -> None:
+def schedule(task: TaskStruct, why: str = "schedule()") -> Awaitable[None]:
     """kernel/sched/core.c: schedule  [process]
 
     Sleep until ``wake_up_process`` unless the state is already TASK_RUNNING (a wake-up that
     came after the caller's condition check).  ``why`` names the wait for deadlock reports.
+    Returns the awaitable to sleep on (callers write ``await schedule(task)``).
+    NOTE: a plain ``def`` returning the future, not a coroutine: one coroutine frame less
+    per sleep (bench/bench_runtime.py); the waker does the bookkeeping.
     """
     if task.state == TASK_RUNNING:
-        return
-    fut: asyncio.Future[None] = task.rt.loop.create_future()
+        return DONE
+    fut: asyncio.Future[None] = task._loop.create_future()
     task._fut = fut
-    blocked = task.rt.blocked_on
-    blocked[task.comm] = why or "schedule()"
-    try:
-        await fut
-    finally:
-        task._fut = None
-        blocked.pop(task.comm, None)
-        task.state = TASK_RUNNING
+    task.why = why
+    return fut
 
 
 def wake_up_process(task: TaskStruct) -> bool:
@@ -72,6 +79,8 @@ def wake_up_process(task: TaskStruct) -> bool:
         return False
     task.state = TASK_RUNNING
     fut = task._fut
-    if fut is not None and not fut.done():
-        fut.set_result(None)
+    if fut is not None:
+        task._fut = None
+        if not fut.done():
+            fut.set_result(None)
     return True

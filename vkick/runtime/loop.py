@@ -13,6 +13,7 @@ heap is fed in a deterministic order, so one seed gives one schedule.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import selectors
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -89,7 +90,8 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
     def now_ns(self) -> int:
         return self.clock.ns
 
-    def call_at_ns(self, when_ns: int, callback: Callable[..., Any], *args: Any) -> asyncio.TimerHandle:
+    def call_at_ns(self, when_ns: int, callback: Callable[..., Any],
+                   *args: Any) -> asyncio.TimerHandle:
         """``call_at`` with an integer-ns deadline (exact: the clock lands on ``when_ns``)."""
         return self.call_at(when_ns / NS_PER_S, callback, *args)
 
@@ -98,17 +100,14 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
         self._idle_hooks.append(hook)
 
     def remove_idle_hook(self, hook: Callable[[], None]) -> None:
-        try:
+        with contextlib.suppress(ValueError):
             self._idle_hooks.remove(hook)
-        except ValueError:
-            pass
 
     def _advance_to_next_timer(self) -> None:
         scheduled = self._scheduled  # type: ignore[attr-defined]  # BaseEventLoop internals
         if scheduled and scheduled[0]._when != float("inf"):
             when_ns = round(scheduled[0]._when * NS_PER_S)
-            if when_ns > self.clock.ns:
-                self.clock.ns = when_ns
+            self.clock.ns = max(self.clock.ns, when_ns)
 
     def _went_idle(self) -> None:
         hooks = self._idle_hooks

@@ -22,8 +22,10 @@ from vkick.runtime.clock import NS_PER_S, Clock, ScaledWallClock
 from vkick.runtime.events import EventBus
 from vkick.runtime.loop import VirtualEventLoop
 from vkick.runtime.rng import RngStreams
-from vkick.runtime.sched import DONE, PreemptPolicy, Preempter
-from vkick.runtime.windows import Window
+from vkick.runtime.sched import DONE, Preempter, PreemptPolicy
+from vkick.runtime.windows import WINDOWS, Window
+
+_WINDOW_SET = frozenset(WINDOWS)
 
 T = TypeVar("T")
 
@@ -47,7 +49,8 @@ def _new_real_loop() -> asyncio.AbstractEventLoop:
         import uvloop  # noqa: PLC0415  (optional, real-time mode only)
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         return asyncio.new_event_loop()
-    return uvloop.new_event_loop()  # type: ignore[no-any-return]
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
 
 
 def _set_done(fut: asyncio.Future[None]) -> None:
@@ -56,7 +59,13 @@ def _set_done(fut: asyncio.Future[None]) -> None:
 
 
 class Runtime:
-    """One run's loop, clock, RNG streams, preemption policy, event bus and task group."""
+    """One run's loop, clock, RNG streams, preemption policy, event bus and task group.
+
+    ``rt.preempt(window)`` is a named preemption point (``await rt.preempt("W-PI-send")``):
+    the policy decides, from the run's seed, whether and how long to yield there.
+    """
+
+    preempt: Callable[[Window], Awaitable[None]]
 
     def __init__(self, *, seed: int = 0, policy: PreemptPolicy | None = None,
                  realtime: bool = False, scale: float = 1.0) -> None:
@@ -80,7 +89,16 @@ class Runtime:
         self.policy = policy or PreemptPolicy.none()
         self._preempter = Preempter(self.policy, self.rng.stream("sched"), self.sleep_ns)
         self.preempt_enabled = self._preempter.enabled
-        self.blocked_on: dict[str, str] = {}  # task name → what it waits for
+        if not self.preempt_enabled:
+            # NOTE: policy none → ``preempt`` is a C-level dict lookup returning the completed
+            # awaitable (no Python frame per preemption point; bench/bench_runtime.py).  An
+            # unknown window still fails loudly (KeyError), as under the random policy.
+            self.preempt = dict.fromkeys(
+                WINDOWS, DONE).__getitem__
+        else:
+            self.preempt = self._preempt_policy
+        self.blocked_on: dict[str, str] = {}  # task name → what it waits for (ad hoc waits)
+        self.kthreads: list[Any] = []  # kernel.sched.TaskStruct of this run, for reports
         # Interrupt correlation: a source (vhost_signal, KVM_SIGNAL_MSI, an ICR write) takes
         # an id with next_irq_id() and sets cur_irq around its synchronous call chain, so
         # every event on the way carries it; deferred paths (irqfd->inject) save and restore it.
@@ -99,10 +117,10 @@ class Runtime:
 
     # ---------------------------------------------------------------- time & preemption
 
-    def preempt(self, window: Window) -> Awaitable[None]:
-        """A named preemption point: the policy decides whether and how long to yield."""
-        if not self.preempt_enabled:
-            return DONE
+    def _preempt_policy(self, window: Window) -> Awaitable[None]:
+        """``preempt`` under a yielding policy: the policy decides whether and how long."""
+        if window not in _WINDOW_SET:
+            raise KeyError(window)
         return self._preempter.decide(window)
 
     @property
@@ -194,9 +212,9 @@ class Runtime:
         assert self._failed is not None
         task = self.loop.create_task(fn(*args), name="vkick-main")
         self._main_task = task
+        waitables: list[asyncio.Future[Any]] = [task, self._failed]
         done = self.loop.create_task(
-            asyncio.wait([task, self._failed], return_when=asyncio.FIRST_COMPLETED),
-            name="vkick-wait")
+            asyncio.wait(waitables, return_when=asyncio.FIRST_COMPLETED), name="vkick-wait")
         self.loop.run_until_complete(done)
         if not task.done():
             task.cancel()
@@ -224,11 +242,13 @@ class Runtime:
     def _on_deadlock(self) -> None:
         lines = []
         tasks = sorted(asyncio.all_tasks(self.loop), key=lambda t: t.get_name())
+        sleeping = {k.comm: k.why for k in self.kthreads if k.sleeping}
         for t in tasks:
             name = t.get_name()
             if name in ("vkick-supervisor", "vkick-wait") or t.done():
                 continue
-            lines.append(f"{name} ({self.blocked_on.get(name) or _where(t)})")
+            why = self.blocked_on.get(name) or sleeping.get(name) or _where(t)
+            lines.append(f"{name} ({why})")
         msg = "deadlock: these tasks are blocked on … " + "; ".join(lines)
         self._fail(DeadlockError(msg, t_ns=self.now_ns(), seed=self.seed))
 
