@@ -343,3 +343,35 @@ def test_irqfd_inject_broadcast_reaches_all(vm3: k.Vm) -> None:
         assert vm3.irqfd_deassign(efd, 3) == 0
     finally:
         os.close(efd)
+
+
+def test_kvm_set_msi_irq_ignores_ext_destid_and_address_hi(vm3: k.Vm) -> None:
+    """Without KVM_X2APIC_API_USE_32BIT_IDS, only address_lo[19:12] is the destination:
+    address bits 11:5 (virt_destid_8_14) and address_hi are ignored."""
+    assert vm3.signal_msi(k.msi_address(1) | (0x7F << 5), k.msi_data(0x41)) == 1
+    assert vm3.signal_msi(k.msi_address(2), k.msi_data(0x42), address_hi=0x100) == 1
+    vm3.route_msi(4, k.msi_address(0) | (0x01 << 5), k.msi_data(0x43))
+    efd = _eventfd()
+    try:
+        assert vm3.irqfd_assign(efd, 4) == 0
+        os.eventfd_write(efd, 1)
+        assert k.poll_until(lambda: k.irr(vm3.vcpus[0]) == {0x43})
+        assert vm3.irqfd_deassign(efd, 4) == 0
+    finally:
+        os.close(efd)
+    assert k.irr_all(vm3) == [{0x43}, {0x41}, {0x42}]
+
+
+def test_irqfd_wakeup_one_injection_per_signal_batch(vm3: k.Vm) -> None:
+    """eventfd_write(n) = one wake-up = one injection; the counter is fully drained."""
+    vm3.route_msi(1, k.msi_address(0), k.msi_data(0x41))
+    efd = _eventfd()
+    try:
+        assert vm3.irqfd_assign(efd, 1) == 0
+        os.eventfd_write(efd, 5)
+        assert k.poll_until(lambda: k.irr(vm3.vcpus[0]) == {0x41})
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(efd)
+        assert vm3.irqfd_deassign(efd, 1) == 0
+    finally:
+        os.close(efd)
