@@ -375,3 +375,40 @@ def test_irqfd_wakeup_one_injection_per_signal_batch(vm3: k.Vm) -> None:
         assert vm3.irqfd_deassign(efd, 1) == 0
     finally:
         os.close(efd)
+
+
+def test_apic_set_spiv_disable_keeps_irr(vm3: k.Vm) -> None:
+    """Software-disabling an APIC drops new Fixed interrupts but keeps what IRR holds."""
+    assert vm3.signal_msi(k.msi_address(0), k.msi_data(0x41)) == 1
+    vm3.vcpus[0].set_reg(k.APIC_SPIV, 0xFF)
+    assert k.irr(vm3.vcpus[0]) == {0x41}
+    assert vm3.signal_msi(k.msi_address(0), k.msi_data(0x42)) == 0
+    assert k.irr(vm3.vcpus[0]) == {0x41}
+
+
+def test_kvm_set_irq_signal_without_route_is_consumed_and_lost(vm3: k.Vm) -> None:
+    """An irqfd on a GSI with no route (30: above the irqchip's default 0–23): the signal is drained (irqfd_wakeup ran), injects
+    nothing, and installing the route later does not replay it."""
+    efd = _eventfd()
+    try:
+        assert vm3.irqfd_assign(efd, 30) == 0
+        os.eventfd_write(efd, 1)
+        k.settle(lambda: k.irr_all(vm3), quiet_s=0.03, timeout_s=0.1)
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(efd)
+        vm3.route_msi(30, k.msi_address(1), k.msi_data(0x49))
+        k.settle(lambda: k.irr_all(vm3), quiet_s=0.03, timeout_s=0.1)
+        assert k.irr_all(vm3) == [set(), set(), set()]
+        os.eventfd_write(efd, 1)
+        assert k.poll_until(lambda: k.irr(vm3.vcpus[1]) == {0x49})
+        assert vm3.irqfd_deassign(efd, 30) == 0
+    finally:
+        os.close(efd)
+
+
+def test_kvm_vm_ioctl_signal_msi_rejects_unknown_flags(vm3: k.Vm) -> None:
+    m = k.kvm_msi(address_lo=k.msi_address(0), data=k.msi_data(0x41), flags=0x80)
+    with pytest.raises(OSError) as exc:
+        k._ioctl(vm3.fd, k.KVM_SIGNAL_MSI, m)
+    assert exc.value.errno == errno.EINVAL
+    assert k.irr(vm3.vcpus[0]) == set()
