@@ -387,8 +387,9 @@ def test_apic_set_spiv_disable_keeps_irr(vm3: k.Vm) -> None:
 
 
 def test_kvm_set_irq_signal_without_route_is_consumed_and_lost(vm3: k.Vm) -> None:
-    """An irqfd on a GSI with no route (30: above the irqchip's default 0–23): the signal is drained (irqfd_wakeup ran), injects
-    nothing, and installing the route later does not replay it."""
+    """An irqfd on a GSI with no route (30: above the irqchip's default routes 0–23): the
+    signal is drained (irqfd_wakeup ran), injects nothing, and installing the route later
+    does not replay it."""
     efd = _eventfd()
     try:
         assert vm3.irqfd_assign(efd, 30) == 0
