@@ -413,3 +413,36 @@ def test_kvm_vm_ioctl_signal_msi_rejects_unknown_flags(vm3: k.Vm) -> None:
         k._ioctl(vm3.fd, k.KVM_SIGNAL_MSI, m)
     assert exc.value.errno == errno.EINVAL
     assert k.irr(vm3.vcpus[0]) == set()
+
+
+def test_kvm_irq_delivery_to_apic_phys_broadcast_lowest_becomes_fixed(vm4: k.Vm) -> None:
+    """Physical broadcast in Lowest-priority mode: the mode is changed to Fixed and every
+    enabled APIC gets it."""
+    r = vm4.signal_msi(k.msi_address(0xFF), k.msi_data(0x52, lowest=True))
+    assert r == 4
+    assert k.irr_all(vm4) == [{0x52}] * 4
+
+
+@pytest.mark.skipif(not _vector_hashing(), reason="kvm.vector_hashing=N on this host")
+@pytest.mark.parametrize("vector", [0x50, 0x51, 0x52, 0x53])
+def test_kvm_irq_delivery_to_apic_phys_broadcast_redir_hint_stays_lowest(
+        vm4: k.Vm, vector: int) -> None:
+    """Physical broadcast, Fixed mode, redirection hint set: the "phys broadcast and lowest
+    prio" fix-up sets delivery_mode = FIXED but msi_redir_hint stays, so
+    kvm_lowest_prio_delivery() is still true and ONE vCPU is chosen (vector % candidates,
+    among software-enabled APICs). Contradicts spec §9.6 step 2's "everyone gets it"."""
+    vm4.vcpus[3].set_reg(k.APIC_SPIV, 0xFF)
+    r = vm4.signal_msi(k.msi_address(0xFF, redir_hint=True), k.msi_data(vector))
+    assert r == 1
+    chosen = vector % 3
+    assert k.irr_all(vm4) == [{vector} if i == chosen else set() for i in range(4)]
+
+
+@pytest.mark.skipif(not _vector_hashing(), reason="kvm.vector_hashing=N on this host")
+def test_kvm_lowest_prio_delivery_redir_hint_on_fixed_logical(vm4: k.Vm) -> None:
+    """Fixed delivery with the redirection hint is arbitrated like Lowest priority."""
+    _flat(vm4)
+    for vec in (0x40, 0x41, 0x42):
+        assert vm4.signal_msi(k.msi_address(0xF, logical=True, redir_hint=True),
+                              k.msi_data(vec)) == 1
+    assert k.irr_all(vm4) == [{0x40}, {0x41}, {0x42}, set()]
