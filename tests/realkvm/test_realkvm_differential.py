@@ -50,9 +50,10 @@ class Msi:
     lowest: bool
     vector: int
     level: bool
+    redir: bool = False
 
     def address(self) -> int:
-        return k.msi_address(self.dest, logical=self.logical)
+        return k.msi_address(self.dest, logical=self.logical, redir_hint=self.redir)
 
     def data(self) -> int:
         return k.msi_data(self.vector, lowest=self.lowest, level=self.level,
@@ -92,6 +93,7 @@ msis = st.builds(
     lowest=st.booleans(),
     vector=vectors,
     level=st.booleans(),
+    redir=st.booleans(),
 )
 vcpu_ids = st.integers(0, NR_VCPUS - 1)
 flat_ldr = st.integers(0, 7).map(lambda b: (1 << b) << 24)
@@ -293,6 +295,8 @@ P = Msi  # shorthand in the tables below
      P(0x11, True, False, 0x52, False), P(0x11, True, True, 0x53, False)],
     [*(RegWrite(i, "ldr", (1 << i) << 24) for i in range(NR_VCPUS)), RegWrite(1, "svr", 0xFF),
      P(0x3, True, True, 0x41, False), P(0x3, True, True, 0x40, False)],
+    [P(0xFF, False, True, 0x52, False), P(0xFF, False, False, 0x51, False, redir=True),
+     P(0xF, True, False, 0x41, False, redir=True), P(2, False, False, 0x42, False, redir=True)],
     [Route(1, P(2, False, False, 0x50, False)), Signal(1), Signal(1)],
     [Route(2, P(0xFF, False, False, 0x77, False)), Signal(2)],
     [Route(1, P(0, False, False, 0x41, False)), Route(1, P(3, False, False, 0x62, False)),
