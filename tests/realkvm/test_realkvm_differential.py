@@ -31,7 +31,7 @@ if _reason is not None:
 
 _model_error: str | None = None
 try:
-    import realkvm_model as model  # type: ignore[import-not-found,unused-ignore]
+    import realkvm_model as model
 except ImportError as e:  # the model modules are written by other helpers
     _model_error = f"vkick KVM model not importable: {e}"
 
