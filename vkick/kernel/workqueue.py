@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 from weakref import WeakKeyDictionary
 
 from vkick.kernel.bitops import clear_bit, test_and_set_bit, test_bit
@@ -52,11 +52,12 @@ class WorkStruct:
     ``rt`` lets ``schedule_work`` find this run's ``system_wq``.
     """
 
-    __slots__ = ("current_worker", "data", "entry_list", "func", "name", "pending_flushers",
-                 "rt", "wq")
+    __slots__ = ("current_worker", "data", "entry_list", "func", "name", "owner",
+                 "pending_flushers", "rt", "wq")
 
     def __init__(self, rt: Runtime, func: WorkFunc, name: str = "") -> None:
         self.rt = rt
+        self.owner: Any = None  # the containing struct (container_of in the kernel)
         self.func = func
         self.name = name or getattr(func, "__name__", "work")
         self.data = 0

@@ -221,6 +221,10 @@ class KvmVcpuArch:
     rvi: int = 0
     svi: int = 0
     eoi_exit_bitmap: int = 0  # 256-bit
+    # vkick bookkeeping (no kernel counterpart): correlation ids of the signals pending per
+    # vector, popped at delivery; and how the last posting went (for the event's `path`).
+    irq_ids: dict[int, list[int]] = field(default_factory=dict)
+    path_hint: str = ""
 
 
 @dataclass(slots=True, eq=False)
@@ -238,6 +242,8 @@ class KvmVcpu:
     task: TaskStruct | None = None  # the vCPU thread
     wait_task: TaskStruct | None = None  # rcuwait: the registered waiter, or None
     halt_poll_ns: int = 0
+    home_cpu: int = 0  # the physical CPU the vCPU thread is pinned to
+    poll_fut: Any = None  # vkick: the halt-polling wait, poked by kvm_vcpu_wake_up
     preempted: bool = False
     ready: bool = False
     stat: VcpuStat = field(default_factory=VcpuStat)
@@ -269,8 +275,10 @@ class Kvm:
     irq_routing: Any = None  # irqchip.KvmIrqRoutingTable, RCU-published
     irqfds: list[Any] = field(default_factory=list)  # active KvmKernelIrqfd, in order
     irq_srcu: Any = None  # kernel.srcu.SrcuStruct
+    irqfd_cleanup_wq: Any = None  # kernel.workqueue.Workqueue "kvm-irqfd-cleanup"
     max_halt_poll_ns: int = KVM_HALT_POLL_NS_DEFAULT
     enable_apicv: bool = True
     vector_hashing: bool = True
     toggles: frozenset[str] = frozenset()  # bug re-creation / fix switches (research/bugs.md)
     host: Any = None  # hw host (pCPUs, scheduler), set by the builder
+    io_bus: Any = None  # callable(vcpu, addr, value): the MMIO/PIO bus (ioeventfds)

@@ -103,6 +103,8 @@ class Runtime:
         # an id with next_irq_id() and sets cur_irq around its synchronous call chain, so
         # every event on the way carries it; deferred paths (irqfd->inject) save and restore it.
         self.cur_irq = 0
+        self.cur_path = ""  # "wq" while a deferred (workqueue) injection runs
+        self.cur_merged: list[int] = []  # further ids a deferred injection satisfies
         self._irq_seq = 0
         self._tg: anyio.abc.TaskGroup | None = None
         self._root: asyncio.Task[None] | None = None

@@ -1,0 +1,48 @@
+"""The vkick error hierarchy: errors a user can act on, each one line that says what to do."""
+
+from __future__ import annotations
+
+
+class VkickError(Exception):
+    """Base of every error vkick raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(VkickError):
+    """A config or scenario file is invalid: ``FILE: field.path: expected …, got …``."""
+
+    exit_code = 2
+
+    def __init__(self, file: str, field: str, expected: str, got: str) -> None:
+        self.file, self.field, self.expected, self.got = file, field, expected, got
+        super().__init__(f"{file}: {field}: expected {expected}, got {got}".replace("\n", " "))
+
+
+class ScenarioError(VkickError):
+    """A scenario could not be run as written."""
+
+
+class LogFormatError(VkickError):
+    """A log file could not be read."""
+
+    def __init__(self, file: str, line: int, what: str) -> None:
+        self.file, self.line = file, line
+        super().__init__(f"{file}:{line}: {what}")
+
+
+class InvariantViolation(VkickError):
+    """A guest-visible invariant (spec §17) was broken; carries the reproduction line."""
+
+    def __init__(self, invariant: str, detail: str, *, seed: int = 0, config: str = "",
+                 trace: list[dict[str, object]] | None = None) -> None:
+        self.invariant, self.detail, self.seed, self.config = invariant, detail, seed, config
+        self.trace = trace or []
+        super().__init__(f"invariant {invariant} violated: {detail} "
+                         f"(reproduce: vkick run {config or '<config>'} --seed {seed})")
+
+
+class VkickInternalError(VkickError):
+    """vkick itself is broken: please report it with the seed and config."""
+
+    exit_code = 3

@@ -1,0 +1,227 @@
+"""VMX non-root execution: what the processor does between VM entry and VM exit (Intel SDM
+Vol. 3, "APIC Virtualization and Virtual Interrupts"; spec §13).
+
+``vmx_vcpu_run`` runs the guest's instruction stream (a queue of guest actions supplied by
+the guest model, :mod:`vkick.guest.cpu`) until something causes a VM exit.  At every
+instruction boundary it takes the physical interrupts pending at this CPU — the posted-
+interrupt notification vector is processed without an exit (PIR → VIRR, RVI), any other
+vector exits — then evaluates virtual interrupts (APICv) or interrupt-window exiting, then
+executes one guest instruction.  TPR and EOI writes are virtualized with APICv (no exit,
+unless the EOI-exit bitmap asks for one); without APICv they exit to KVM.
+
+The guest model is duck-typed (``GuestModel``): an ``actions`` deque of tuples, an
+``on_interrupt(vcpu, vector)`` hook that queues the handler, an ``idle_halt`` flag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, Final, Protocol
+
+from vkick.hw.cpu import CpuContext, PhysicalCpu
+
+EXIT_EXTERNAL_INTERRUPT: Final = "EXTERNAL_INTERRUPT"
+EXIT_HLT: Final = "HLT"
+EXIT_INTERRUPT_WINDOW: Final = "INTERRUPT_WINDOW"
+EXIT_EOI_INDUCED: Final = "EOI_INDUCED"
+EXIT_APIC_WRITE: Final = "APIC_WRITE"
+EXIT_MSR_WRITE: Final = "MSR_WRITE"
+EXIT_IO_INSTRUCTION: Final = "IO_INSTRUCTION"
+EXIT_PREEMPTION_TIMER: Final = "PREEMPTION_TIMER"
+
+POSTED_INTR_VECTOR: Final = 0xF2
+
+Exit = tuple[str, int, int]  # (reason, qualification / register or vector, value)
+
+
+class GuestModel(Protocol):
+    actions: deque[tuple[Any, ...]]
+    idle_halted: bool
+    poke: Any
+
+    def on_interrupt(self, vcpu: Any, vector: int) -> None: ...
+
+
+def posted_interrupt_processing(vcpu: Any, pcpu: PhysicalCpu) -> None:
+    """SDM: posted-interrupt processing (spec §13.2): clear ON, OR PIR into VIRR and clear
+    it, RVI := max(RVI, highest PIR vector).  No VM exit."""
+    pi = vcpu.pi_desc
+    apic = vcpu.arch.apic
+    pi.on = False
+    pir = pi.pir
+    pi.pir = 0
+    if pir:
+        apic.irr |= pir
+        vcpu.arch.rvi = max(vcpu.arch.rvi, pir.bit_length() - 1)
+    vcpu.stat.pi_notifications += 0
+    bus = vcpu.kvm.rt.bus
+    if bus.on:
+        bus.emit("vkick_pi_notification", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, pcpu=pcpu.id,
+                 in_guest=True)
+
+
+def _ppr_virtualization(vcpu: Any) -> None:
+    """SDM: PPR virtualization — VPPR from VTPR and SVI (spec §13.4)."""
+    apic = vcpu.arch.apic
+    svi = vcpu.arch.svi
+    tpr = apic.tpr
+    apic.ppr = tpr & 0xFF if (tpr & 0xF0) >= (svi & 0xF0) else svi & 0xF0
+
+
+def take_interrupt(vcpu: Any, vector: int) -> None:
+    """The guest takes ``vector`` through its IDT: IF cleared (interrupt gate), the handler
+    is queued.  Emits the delivery event with every correlation id it satisfies."""
+    arch = vcpu.arch
+    arch.rflags_if = False
+    ids = arch.irq_ids.pop(vector, [])
+    bus = vcpu.kvm.rt.bus
+    if bus.on:
+        bus.emit("vkick_guest_irq", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, vector=vector,
+                 irq=ids)
+    vcpu.guest.on_interrupt(vcpu, vector)
+
+
+def _virtual_interrupt_delivery(vcpu: Any) -> bool:
+    """SDM: evaluation and delivery of pending virtual interrupts (spec §13.3)."""
+    arch = vcpu.arch
+    rvi = arch.rvi
+    apic = arch.apic
+    if not rvi or (rvi >> 4) <= (apic.ppr >> 4):
+        return False
+    if not arch.rflags_if or arch.interrupt_shadow:
+        return False
+    bit = 1 << rvi
+    apic.isr |= bit
+    apic.irr &= ~bit
+    arch.rvi = max(apic.irr.bit_length() - 1, 0)
+    arch.svi = rvi
+    apic.ppr = rvi & 0xF0
+    take_interrupt(vcpu, rvi)
+    return True
+
+
+def _eoi_virtualization(vcpu: Any) -> int:
+    """SDM: EOI virtualization — retire SVI; returns the vector if an EOI-induced exit is due,
+    else -1 (spec §13.4)."""
+    arch = vcpu.arch
+    apic = arch.apic
+    v = apic.isr.bit_length() - 1
+    if v < 0:
+        return -1
+    apic.isr &= ~(1 << v)
+    arch.svi = max(apic.isr.bit_length() - 1, 0)
+    _ppr_virtualization(vcpu)
+    if arch.eoi_exit_bitmap >> v & 1:
+        return v
+    return -1
+
+
+async def _guest_wait(vcpu: Any, pcpu: PhysicalCpu, ns: int | None) -> int:
+    """Guest spins (or works ``ns``) until an arrival or new guest work; returns ns left."""
+    rt = vcpu.kvm.rt
+    loop = rt.loop
+    fut: asyncio.Future[None] = loop.create_future()
+    pcpu.wake_fut = fut
+    start = rt.now_ns()
+    handle = None
+    if ns is not None:
+        handle = loop.call_at((start + ns) / 1e9, _resolve, fut)
+    rt.blocked_on[vcpu.task.comm] = "guest mode (spinning with IF=0)" if ns is None else "guest"
+    try:
+        await fut
+    finally:
+        pcpu.wake_fut = None
+        rt.blocked_on.pop(vcpu.task.comm, None)
+        if handle is not None:
+            handle.cancel()
+    if ns is None:
+        return 0
+    return max(0, ns - (rt.now_ns() - start))
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def vmx_vcpu_run(vcpu: Any, pcpu: PhysicalCpu, immediate_exit: bool = False) -> Exit:
+    """VM entry … VM exit.  Returns the exit (reason, qualification, value)."""
+    arch = vcpu.arch
+    guest = vcpu.guest
+    apicv = arch.apicv_active
+    actions = guest.actions
+    pcpu.context = CpuContext.GUEST
+    guest.idle_halted = False
+    guest.poke = pcpu.poke
+    # VM entry: the VM-entry interruption field (software injection, spec §13.5).
+    if arch.interrupt_injected:
+        arch.interrupt_injected = False
+        take_interrupt(vcpu, arch.interrupt_nr)
+        if immediate_exit:
+            return (EXIT_PREEMPTION_TIMER, 0, 0)
+    elif immediate_exit:
+        return (EXIT_PREEMPTION_TIMER, 0, 0)
+    while True:
+        # ---- instruction boundary: physical interrupts recognised at this CPU
+        if pcpu.pending:
+            held = pcpu.pending
+            while held:
+                vector = held.pop(0)
+                if apicv and vector == vcpu.pi_desc.nv == POSTED_INTR_VECTOR:
+                    posted_interrupt_processing(vcpu, pcpu)
+                    continue
+                # Acknowledge-on-exit: this vector is taken by the exit; the rest stay.
+                return (EXIT_EXTERNAL_INTERRUPT, vector, 0)
+        if apicv:
+            _virtual_interrupt_delivery(vcpu)
+        elif arch.irq_window_exiting and arch.rflags_if and not arch.interrupt_shadow:
+            return (EXIT_INTERRUPT_WINDOW, 0, 0)
+        # ---- one guest instruction
+        if not actions:
+            if arch.rflags_if and guest.idle_halt:
+                guest.idle_halted = True
+                arch.interrupt_shadow = False
+                return (EXIT_HLT, 1, 0)
+            await _guest_wait(vcpu, pcpu, None)
+            continue
+        action = actions.popleft()
+        arch.interrupt_shadow = False
+        op = action[0]
+        if op == "work":
+            left = await _guest_wait(vcpu, pcpu, action[1])
+            if left > 0:
+                actions.appendleft(("work", left))
+        elif op == "cli":
+            arch.rflags_if = False
+        elif op == "sti":
+            if not arch.rflags_if:
+                arch.interrupt_shadow = True  # blocking by STI for one instruction
+            arch.rflags_if = True
+        elif op == "iret":
+            arch.rflags_if = True
+        elif op == "hlt":
+            return (EXIT_HLT, 0, 0)
+        elif op == "tpr":
+            if apicv:
+                arch.apic.tpr = action[1] & 0xFF  # TPR virtualization
+                _ppr_virtualization(vcpu)
+            else:
+                return (EXIT_APIC_WRITE, 0x80, action[1])
+        elif op == "eoi":
+            if apicv:
+                v = _eoi_virtualization(vcpu)
+                if v >= 0:
+                    return (EXIT_EOI_INDUCED, v, 0)
+            else:
+                return (EXIT_APIC_WRITE, 0xB0, 0)
+        elif op == "apic":
+            return (EXIT_APIC_WRITE, action[1], action[2])
+        elif op == "msr":
+            return (EXIT_MSR_WRITE, action[1], action[2])
+        elif op == "mmio":
+            return (EXIT_IO_INSTRUCTION, action[1], action[2])
+        elif op == "call":
+            action[1](vcpu)
+        else:
+            raise ValueError(f"unknown guest action {action!r}")

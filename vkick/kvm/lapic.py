@@ -1,0 +1,599 @@
+"""arch/x86/kvm/lapic.c (LAPIC half): IRR/ISR/TMR bookkeeping, TPR/PPR, interrupt acknowledge,
+EOI, ``__apic_accept_irq`` for every delivery mode, guest register writes and IPIs.
+
+The APIC-map half of lapic.c (map recalculation, fast destination lookup, slow-path
+matching) is in :mod:`vkick.kvm.lapic_map`.  With APICv the register fields of
+:class:`~vkick.kvm.kvm_host.KvmLapic` *are* the virtual-APIC page the hardware model reads
+and writes (VIRR = ``irr``, VISR = ``isr``, VTPR = ``tpr``, VPPR = ``ppr``).
+
+Covered: kvm_create_lapic, find_highest_vector, apic_search_irr, apic_find_highest_irr,
+kvm_lapic_find_highest_irr, kvm_lapic_set_irr, apic_clear_irr, __kvm_apic_update_irr,
+kvm_apic_update_irr, apic_set_isr, apic_clear_isr, apic_find_highest_isr, __apic_update_ppr,
+apic_update_ppr, apic_has_interrupt_for_ppr, apic_set_tpr, kvm_apic_has_interrupt,
+kvm_get_apic_interrupt, apic_set_eoi, kvm_apic_set_eoi_accelerated, kvm_apic_set_irq,
+__apic_accept_irq, kvm_apic_accept_events, kvm_lapic_reg_write, kvm_x2apic_msr_write,
+kvm_apic_send_ipi.  Left out: timers, LVT entries, the IOAPIC/PIC, Hyper-V SynIC, nested.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from vkick.kvm.kvm_host import (
+    APIC_BASE_MSR,
+    APIC_DEST_MASK,
+    APIC_DFR,
+    APIC_DFR_FLAT,
+    APIC_DM_EXTINT,
+    APIC_DM_FIXED,
+    APIC_DM_INIT,
+    APIC_DM_LOWEST,
+    APIC_DM_NMI,
+    APIC_DM_REMRD,
+    APIC_DM_SMI,
+    APIC_DM_STARTUP,
+    APIC_DEST_SELF,
+    APIC_EOI,
+    APIC_ICR,
+    APIC_ICR2,
+    APIC_ICR_BUSY,
+    APIC_ID,
+    APIC_INT_ASSERT,
+    APIC_INT_LEVELTRIG,
+    APIC_LDR,
+    APIC_MODE_MASK,
+    APIC_SELF_IPI,
+    APIC_SHORT_MASK,
+    APIC_SPIV,
+    APIC_SPIV_APIC_ENABLED,
+    APIC_TASKPRI,
+    APIC_VECTOR_MASK,
+    KVM_APIC_INIT,
+    KVM_APIC_SIPI,
+    KVM_REQ_EVENT,
+    KVM_REQ_NMI,
+    KVM_REQ_SMI,
+    KvmLapic,
+    KvmLapicIrq,
+    KvmVcpu,
+    MpState,
+)
+
+APIC_MAP_DIRTY: Final = 2
+
+_ALL: Final = (1 << 256) - 1
+
+
+def _emit_warn(vcpu: KvmVcpu, what: str) -> None:
+    bus = vcpu.kvm.rt.bus
+    if bus.on:
+        bus.emit("vkick_warn", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, what=what)
+
+
+def kvm_create_lapic(vcpu: KvmVcpu, *, x2apic: bool = False) -> KvmLapic:
+    """arch/x86/kvm/lapic.c: kvm_create_lapic + kvm_lapic_reset  [process]
+
+    The state of shared/scenarios/FORMAT.md "Initial state": APIC ID = vCPU index, enabled
+    and software-enabled (SVR 0x1FF), TPR 0, DFR flat, LDR 0 (x2APIC: the derived LDR).
+    Differs from the kernel: reset leaves SVR = 0xFF (software-disabled) until the guest
+    enables it; vkick starts from the state a booted guest has set up.
+    """
+    apic = KvmLapic(vcpu=vcpu)
+    apic.x2apic_mode = x2apic
+    if x2apic:
+        apic.id = vcpu.vcpu_id
+        apic.ldr = kvm_apic_calc_x2apic_ldr(vcpu.vcpu_id)
+    else:
+        apic.id = vcpu.vcpu_id << 24
+    vcpu.arch.apic = apic
+    vcpu.kvm.arch.apic_map_dirty = APIC_MAP_DIRTY
+    return apic
+
+
+def kvm_apic_calc_x2apic_ldr(id_: int) -> int:
+    """arch/x86/kvm/lapic.c: kvm_apic_calc_x2apic_ldr — cluster in 31:16, bit in 15:0."""
+    return ((id_ >> 4) << 16) | (1 << (id_ & 0xF))
+
+
+# ---------------------------------------------------------------------------- predicates
+
+
+def kvm_apic_present(vcpu: KvmVcpu) -> bool:
+    """arch/x86/kvm/lapic.h: kvm_apic_present — in-kernel LAPIC, hardware-enabled."""
+    apic = vcpu.arch.apic
+    return apic is not None and apic.hw_enabled
+
+
+def kvm_apic_sw_enabled(apic: KvmLapic) -> bool:
+    """arch/x86/kvm/lapic.h: kvm_apic_sw_enabled — SPIV bit 8."""
+    return apic.sw_enabled
+
+
+def apic_enabled(apic: KvmLapic) -> bool:
+    """arch/x86/kvm/lapic.h: apic_enabled — hardware and software enabled."""
+    return apic.sw_enabled and apic.hw_enabled
+
+
+def kvm_lapic_enabled(vcpu: KvmVcpu) -> bool:
+    """arch/x86/kvm/lapic.h: kvm_lapic_enabled — present and software-enabled."""
+    apic = vcpu.arch.apic
+    return apic is not None and apic.hw_enabled and apic.sw_enabled
+
+
+def apic_x2apic_mode(apic: KvmLapic) -> bool:
+    """arch/x86/kvm/lapic.h: apic_x2apic_mode."""
+    return apic.x2apic_mode
+
+
+def kvm_xapic_id(apic: KvmLapic) -> int:
+    """arch/x86/kvm/lapic.h: kvm_xapic_id — APIC_ID bits 31:24."""
+    return (apic.id >> 24) & 0xFF
+
+
+# ---------------------------------------------------------------------------- vector search
+
+
+def find_highest_vector(bitmap: int) -> int:
+    """arch/x86/kvm/lapic.c: find_highest_vector — highest set vector of a 256-bit map, or -1."""
+    return bitmap.bit_length() - 1
+
+
+def count_vectors(bitmap: int) -> int:
+    """arch/x86/kvm/lapic.c: count_vectors."""
+    return bitmap.bit_count()
+
+
+def apic_search_irr(apic: KvmLapic) -> int:
+    """arch/x86/kvm/lapic.c: apic_search_irr."""
+    return apic.irr.bit_length() - 1
+
+
+def apic_find_highest_irr(apic: KvmLapic) -> int:
+    """arch/x86/kvm/lapic.c: apic_find_highest_irr — -1 unless ``irr_pending`` says look."""
+    if not apic.irr_pending:
+        return -1
+    return apic.irr.bit_length() - 1
+
+
+def kvm_lapic_find_highest_irr(vcpu: KvmVcpu) -> int:
+    """arch/x86/kvm/lapic.c: kvm_lapic_find_highest_irr
+
+    Racy against a concurrent ``__apic_accept_irq`` by design: the kick that accompanies
+    every accept guarantees a re-evaluation before the next VM entry (spec §11.2).
+    """
+    apic = vcpu.arch.apic
+    assert apic is not None
+    return apic_find_highest_irr(apic)
+
+
+# ---------------------------------------------------------------------------- IRR writers
+
+
+def kvm_lapic_set_irr(vec: int, apic: KvmLapic) -> None:
+    """arch/x86/kvm/lapic.h: kvm_lapic_set_irr  [atomic]
+
+    Bit first, then the ``irr_pending`` hint, so apic_clear_irr on the vCPU cannot clear the
+    hint after our bit landed without seeing it (spec §11.3).
+    """
+    apic.irr |= 1 << vec
+    apic.irr_pending = True
+
+
+def apic_clear_irr(vec: int, apic: KvmLapic) -> None:
+    """arch/x86/kvm/lapic.c: apic_clear_irr — with APICv also refresh RVI."""
+    vcpu = apic.vcpu
+    if vcpu.arch.apicv_active:
+        apic.irr &= ~(1 << vec)
+        vcpu.arch.rvi = max(apic.irr.bit_length() - 1, 0)  # vmx_hwapic_irr_update
+    else:
+        apic.irr_pending = False
+        apic.irr &= ~(1 << vec)
+        if apic.irr:
+            apic.irr_pending = True
+
+
+def __kvm_apic_update_irr(pir: list[int], apic: KvmLapic) -> tuple[bool, int]:
+    """arch/x86/kvm/lapic.c: __kvm_apic_update_irr  [atomic]
+
+    ``pir`` is a one-element list holding the 256-bit PIR (taken and zeroed here, the xchg of
+    each 32-bit word).  Returns (a new highest vector arrived, max_irr).  Vectors already in
+    IRR are simply OR-ed (coalesced).  Spec §11.3.
+    """
+    taken = pir[0]
+    pir[0] = 0
+    new_bits = taken & ~apic.irr
+    apic.irr |= taken
+    max_irr = apic.irr.bit_length() - 1
+    max_updated_irr = new_bits.bit_length() - 1
+    return (max_updated_irr != -1 and max_updated_irr == max_irr), max_irr
+
+
+def kvm_apic_update_irr(vcpu: KvmVcpu, pir: list[int]) -> tuple[bool, int]:
+    """arch/x86/kvm/lapic.c: kvm_apic_update_irr — __kvm_apic_update_irr on this vCPU."""
+    apic = vcpu.arch.apic
+    assert apic is not None
+    result = __kvm_apic_update_irr(pir, apic)
+    apic.irr_pending = True
+    return result
+
+
+# ---------------------------------------------------------------------------- ISR bookkeeping
+
+
+def apic_set_isr(vec: int, apic: KvmLapic) -> None:
+    """arch/x86/kvm/lapic.c: apic_set_isr — the new vector is by construction the highest."""
+    bit = 1 << vec
+    if apic.isr & bit:
+        return
+    apic.isr |= bit
+    if apic.vcpu.arch.apicv_active:
+        apic.vcpu.arch.svi = vec  # kvm_x86_hwapic_isr_update
+    else:
+        apic.isr_count += 1
+        apic.highest_isr_cache = vec
+
+
+def apic_find_highest_isr(apic: KvmLapic) -> int:
+    """arch/x86/kvm/lapic.c: apic_find_highest_isr."""
+    if not apic.vcpu.arch.apicv_active:
+        if apic.isr_count == 0:
+            return -1
+        if apic.highest_isr_cache != -1:
+            return apic.highest_isr_cache
+    return apic.isr.bit_length() - 1
+
+
+def apic_clear_isr(vec: int, apic: KvmLapic) -> None:
+    """arch/x86/kvm/lapic.c: apic_clear_isr."""
+    bit = 1 << vec
+    if not apic.isr & bit:
+        return
+    apic.isr &= ~bit
+    if apic.vcpu.arch.apicv_active:
+        apic.vcpu.arch.svi = max(apic.isr.bit_length() - 1, 0)
+    else:
+        apic.isr_count -= 1
+        apic.highest_isr_cache = -1
+
+
+# ---------------------------------------------------------------------------- priority
+
+
+def __apic_update_ppr(apic: KvmLapic) -> tuple[bool, int]:
+    """arch/x86/kvm/lapic.c: __apic_update_ppr → (PPR decreased, new PPR).  Spec §11.5."""
+    old_ppr = apic.ppr
+    tpr = apic.tpr
+    isrv = apic_find_highest_isr(apic)
+    isrv = 0 if isrv < 0 else isrv
+    ppr = tpr & 0xFF if (tpr & 0xF0) >= (isrv & 0xF0) else isrv & 0xF0
+    if old_ppr != ppr:
+        apic.ppr = ppr
+    return ppr < old_ppr, ppr
+
+
+def apic_has_interrupt_for_ppr(apic: KvmLapic, ppr: int) -> int:
+    """arch/x86/kvm/lapic.c: apic_has_interrupt_for_ppr
+
+    The highest IRR vector whose class is above PPR's, or -1.  With APICv the PIR is
+    harvested first (vmx_sync_pir_to_irr), so every runnability check sees posted vectors.
+    """
+    vcpu = apic.vcpu
+    if vcpu.arch.apicv_active:
+        from vkick.kvm.vmx.vmx import vmx_sync_pir_to_irr  # noqa: PLC0415  (layer cycle)
+
+        highest_irr = vmx_sync_pir_to_irr(vcpu)
+    else:
+        highest_irr = apic_find_highest_irr(apic)
+    if highest_irr == -1 or (highest_irr & 0xF0) <= ppr:
+        return -1
+    return highest_irr
+
+
+def apic_update_ppr(apic: KvmLapic) -> None:
+    """arch/x86/kvm/lapic.c: apic_update_ppr — raise KVM_REQ_EVENT when a held vector frees."""
+    decreased, ppr = __apic_update_ppr(apic)
+    if decreased and apic_has_interrupt_for_ppr(apic, ppr) != -1:
+        from vkick.kvm.kvm_main import kvm_make_request  # noqa: PLC0415
+
+        kvm_make_request(KVM_REQ_EVENT, apic.vcpu)
+
+
+def apic_set_tpr(apic: KvmLapic, tpr: int) -> None:
+    """arch/x86/kvm/lapic.c: apic_set_tpr."""
+    apic.tpr = tpr
+    apic_update_ppr(apic)
+
+
+def kvm_apic_has_interrupt(vcpu: KvmVcpu) -> int:
+    """arch/x86/kvm/lapic.c: kvm_apic_has_interrupt — deliverable vector or -1 (IF not read)."""
+    apic = vcpu.arch.apic
+    if apic is None or not apic.hw_enabled:
+        return -1
+    _, ppr = __apic_update_ppr(apic)
+    return apic_has_interrupt_for_ppr(apic, ppr)
+
+
+def kvm_get_apic_interrupt(vcpu: KvmVcpu) -> int:
+    """arch/x86/kvm/lapic.c: kvm_get_apic_interrupt — interrupt acknowledge: IRR → ISR.
+
+    Used by software injection; PPR rises to the vector's class, so nothing of the same or a
+    lower class can be above PPR until the EOI (spec §11.7, invariant §17.7).
+    """
+    vector = kvm_apic_has_interrupt(vcpu)
+    if vector == -1:
+        return -1
+    apic = vcpu.arch.apic
+    assert apic is not None
+    apic_clear_irr(vector, apic)
+    apic_set_isr(vector, apic)
+    __apic_update_ppr(apic)
+    return vector
+
+
+# ---------------------------------------------------------------------------- EOI
+
+
+def apic_set_eoi(apic: KvmLapic) -> int:
+    """arch/x86/kvm/lapic.c: apic_set_eoi — retire the highest in-service vector.
+
+    Architectural: whatever vector the guest believes it is finishing, the highest ISR bit
+    is cleared; an EOI with nothing in service does nothing (invariant §17.8).
+    """
+    vcpu = apic.vcpu
+    vector = apic_find_highest_isr(apic)
+    bus = vcpu.kvm.rt.bus
+    if bus.on:
+        bus.emit("kvm_eoi", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, vector=vector)
+    if vector == -1:
+        return vector
+    apic_clear_isr(vector, apic)
+    apic_update_ppr(apic)
+    # kvm_ioapic_send_eoi: MSI vectors are never in ioapic_handled_vectors on this path.
+    from vkick.kvm.kvm_main import kvm_make_request  # noqa: PLC0415
+
+    kvm_make_request(KVM_REQ_EVENT, vcpu)
+    return vector
+
+
+def kvm_apic_set_eoi_accelerated(vcpu: KvmVcpu, vector: int) -> None:
+    """arch/x86/kvm/lapic.c: kvm_apic_set_eoi_accelerated — EOI-induced exit (trap-like)."""
+    bus = vcpu.kvm.rt.bus
+    if bus.on:
+        bus.emit("kvm_eoi", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, vector=vector)
+    from vkick.kvm.kvm_main import kvm_make_request  # noqa: PLC0415
+
+    kvm_make_request(KVM_REQ_EVENT, vcpu)
+
+
+# ---------------------------------------------------------------------------- accept
+
+
+def kvm_apic_set_irq(vcpu: KvmVcpu, irq: KvmLapicIrq, dest_map: object = None) -> int:
+    """arch/x86/kvm/lapic.c: kvm_apic_set_irq."""
+    apic = vcpu.arch.apic
+    assert apic is not None
+    return __apic_accept_irq(apic, irq.delivery_mode, irq.vector, irq.level, irq.trig_mode,
+                             dest_map)
+
+
+def __apic_accept_irq(apic: KvmLapic, delivery_mode: int, vector: int, level: bool,
+                      trig_mode: int, dest_map: object = None) -> int:
+    """arch/x86/kvm/lapic.c: __apic_accept_irq  [any context, often atomic]
+
+    1 if accepted (coalescing into an already pending bit counts as accepted: v5.13 does not
+    report it), 0 if discarded.  Fixed/Lowest go to posted interrupts, or to IRR +
+    KVM_REQ_EVENT + kick when APICv is inactive.  Spec §11.10.
+    """
+    vcpu = apic.vcpu
+    kvm = vcpu.kvm
+    rt = kvm.rt
+    bus = rt.bus
+    result = 0
+    if delivery_mode == APIC_DM_LOWEST:
+        vcpu.arch.apic_arb_prio += 1
+        delivery_mode = APIC_DM_FIXED
+    if delivery_mode == APIC_DM_FIXED:
+        if trig_mode and not level:
+            return 0
+        if not (apic.sw_enabled and apic.hw_enabled):
+            if bus.on:
+                bus.emit("kvm_apic_accept_irq", vm=kvm.name, vcpu=vcpu.vcpu_id, dm=0,
+                         tm=trig_mode, vector=vector, irq=rt.cur_irq, path="dropped",
+                         coalesced=False)
+            return 0
+        result = 1
+        bit = 1 << vector
+        if trig_mode:
+            apic.tmr |= bit
+        elif apic.tmr & bit:
+            apic.tmr &= ~bit
+        if rt.cur_irq:
+            ids = vcpu.arch.irq_ids.get(vector)
+            if ids is None:
+                ids = vcpu.arch.irq_ids[vector] = []
+            ids.append(rt.cur_irq)
+            if rt.cur_merged:
+                ids.extend(rt.cur_merged)
+        from vkick.kvm.vmx.vmx import vmx_deliver_posted_interrupt  # noqa: PLC0415
+
+        path = vcpu.arch.path_hint
+        if vmx_deliver_posted_interrupt(vcpu, vector) != 0:
+            coalesced = bool(apic.irr & bit)
+            kvm_lapic_set_irr(vector, apic)
+            from vkick.kvm.kvm_main import kvm_make_request, kvm_vcpu_kick  # noqa: PLC0415
+
+            kvm_make_request(KVM_REQ_EVENT, vcpu)
+            path = "wakeup" if vcpu.wait_task is not None else "irr_kick"
+            kvm_vcpu_kick(vcpu)
+        else:
+            coalesced = vcpu.arch.path_hint == "coalesced"
+            path = vcpu.arch.path_hint
+        if bus.on:
+            if rt.cur_path:
+                path = rt.cur_path
+            bus.emit("kvm_apic_accept_irq", vm=kvm.name, vcpu=vcpu.vcpu_id, dm=delivery_mode,
+                     tm=trig_mode, vector=vector, irq=rt.cur_irq, path=path,
+                     coalesced=coalesced)
+        return result
+    from vkick.kvm.kvm_main import kvm_make_request, kvm_vcpu_kick  # noqa: PLC0415
+
+    if delivery_mode == APIC_DM_REMRD:
+        vcpu.arch.pv_unhalted = True
+        kvm_make_request(KVM_REQ_EVENT, vcpu)
+        kvm_vcpu_kick(vcpu)
+        return 1
+    if delivery_mode == APIC_DM_SMI:
+        kvm_make_request(KVM_REQ_SMI, vcpu)
+        kvm_vcpu_kick(vcpu)
+        return 1
+    if delivery_mode == APIC_DM_NMI:
+        vcpu.arch.nmi_queued += 1  # kvm_inject_nmi
+        kvm_make_request(KVM_REQ_NMI, vcpu)
+        kvm_vcpu_kick(vcpu)
+        return 1
+    if delivery_mode == APIC_DM_INIT:
+        if not trig_mode or level:
+            apic.pending_events = 1 << KVM_APIC_INIT
+            kvm_make_request(KVM_REQ_EVENT, vcpu)
+            kvm_vcpu_kick(vcpu)
+            return 1
+        return 0
+    if delivery_mode == APIC_DM_STARTUP:
+        apic.sipi_vector = vector
+        apic.pending_events |= 1 << KVM_APIC_SIPI
+        kvm_make_request(KVM_REQ_EVENT, vcpu)
+        kvm_vcpu_kick(vcpu)
+        return 1
+    if delivery_mode == APIC_DM_EXTINT:
+        _emit_warn(vcpu, "ExtINT delivery is handled by the PIC path, which vkick does not "
+                         "model: the interrupt is refused (0)")
+        return 0
+    _emit_warn(vcpu, f"TODO: unsupported delivery mode {delivery_mode:#x}")
+    return 0
+
+
+def kvm_apic_accept_events(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/lapic.c: kvm_apic_accept_events — INIT/SIPI (v5.13: returns nothing)."""
+    apic = vcpu.arch.apic
+    if apic is None or not apic.pending_events:
+        return
+    pe = apic.pending_events
+    apic.pending_events = 0
+    if pe & (1 << KVM_APIC_INIT):
+        # kvm_vcpu_reset(init_event=true): the LAPIC state that matters here.
+        apic.irr = apic.isr = apic.tmr = 0
+        apic.isr_count = 0
+        apic.highest_isr_cache = -1
+        vcpu.arch.mp_state = (MpState.KVM_MP_STATE_RUNNABLE if vcpu.vcpu_id == 0
+                              else MpState.KVM_MP_STATE_INIT_RECEIVED)
+    if pe & (1 << KVM_APIC_SIPI) and vcpu.arch.mp_state == MpState.KVM_MP_STATE_INIT_RECEIVED:
+        vcpu.arch.mp_state = MpState.KVM_MP_STATE_RUNNABLE
+
+
+# ---------------------------------------------------------------------------- register writes
+
+
+def kvm_lapic_reg_write(apic: KvmLapic, reg: int, val: int) -> int:
+    """arch/x86/kvm/lapic.c: kvm_lapic_reg_write  [vCPU thread]
+
+    The guest's register writes that matter on this path; every write ends with
+    kvm_recalculate_apic_map (a no-op unless the map is dirty).  Spec §11.12.
+    """
+    from vkick.kvm.lapic_map import kvm_recalculate_apic_map  # noqa: PLC0415
+
+    kvm = apic.vcpu.kvm
+    ret = 0
+    if reg == APIC_ID:
+        if not apic.x2apic_mode:
+            apic.id = val & 0xFF000000
+            kvm.arch.apic_map_dirty = APIC_MAP_DIRTY
+        else:
+            ret = 1
+    elif reg == APIC_TASKPRI:
+        apic_set_tpr(apic, val & 0xFF)
+    elif reg == APIC_EOI:
+        apic_set_eoi(apic)
+    elif reg == APIC_LDR:
+        if not apic.x2apic_mode:
+            apic.ldr = val & 0xFF000000
+            kvm.arch.apic_map_dirty = APIC_MAP_DIRTY
+        else:
+            ret = 1
+    elif reg == APIC_DFR:
+        if not apic.x2apic_mode:
+            apic.dfr = val | 0x0FFFFFFF
+            kvm.arch.apic_map_dirty = APIC_MAP_DIRTY
+        else:
+            ret = 1
+    elif reg == APIC_SPIV:
+        mask = 0x3FF
+        enabled = bool(val & APIC_SPIV_APIC_ENABLED)
+        if apic.sw_enabled != enabled:
+            apic.sw_enabled = enabled
+            kvm.arch.apic_map_dirty = APIC_MAP_DIRTY
+        apic.spiv = val & mask
+    elif reg == APIC_ICR:
+        val &= ~APIC_ICR_BUSY
+        kvm_apic_send_ipi(apic, val, apic.icr2)
+        apic.icr = val
+    elif reg == APIC_ICR2:
+        apic.icr2 = val if apic.x2apic_mode else val & 0xFF000000
+    elif reg == APIC_SELF_IPI:
+        if apic.x2apic_mode:
+            kvm_apic_send_ipi(apic, APIC_DEST_SELF | (val & APIC_VECTOR_MASK), 0)
+        else:
+            ret = 1
+    else:
+        ret = 1
+    kvm_recalculate_apic_map(kvm)
+    return ret
+
+
+def kvm_x2apic_msr_write(vcpu: KvmVcpu, msr: int, data: int) -> int:
+    """arch/x86/kvm/lapic.c: kvm_x2apic_msr_write — MSR 0x800 + (offset >> 4); ICR is 64-bit."""
+    apic = vcpu.arch.apic
+    if apic is None or not apic.x2apic_mode:
+        return 1
+    reg = (msr - APIC_BASE_MSR) << 4
+    if reg == APIC_ICR:
+        apic.icr2 = data >> 32
+        return kvm_lapic_reg_write(apic, APIC_ICR, data & 0xFFFFFFFF)
+    return kvm_lapic_reg_write(apic, reg, data & 0xFFFFFFFF)
+
+
+def kvm_apic_send_ipi(apic: KvmLapic, icr_low: int, icr_high: int) -> None:
+    """arch/x86/kvm/lapic.c: kvm_apic_send_ipi — an ICR write becomes a kvm_lapic_irq.
+
+    Delivered through kvm_irq_delivery_to_apic with the sending LAPIC as source; the IPI is
+    an interrupt source of its own (a new correlation id).
+    """
+    from vkick.kvm.irq_comm import kvm_irq_delivery_to_apic  # noqa: PLC0415
+
+    irq = KvmLapicIrq(
+        vector=icr_low & APIC_VECTOR_MASK,
+        delivery_mode=icr_low & APIC_MODE_MASK,
+        dest_mode=icr_low & APIC_DEST_MASK,
+        level=bool(icr_low & APIC_INT_ASSERT),
+        trig_mode=icr_low & APIC_INT_LEVELTRIG,
+        shorthand=icr_low & APIC_SHORT_MASK,
+        msi_redir_hint=False,
+        dest_id=icr_high if apic.x2apic_mode else (icr_high >> 24) & 0xFF,
+    )
+    vcpu = apic.vcpu
+    rt = vcpu.kvm.rt
+    saved = rt.cur_irq
+    rt.cur_irq = rt.next_irq_id()
+    bus = rt.bus
+    if bus.on:
+        bus.emit("kvm_apic_ipi", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, icr_low=icr_low,
+                 dest_id=irq.dest_id, vector=irq.vector, irq=rt.cur_irq)
+    try:
+        kvm_irq_delivery_to_apic(vcpu.kvm, apic, irq, None)
+    finally:
+        rt.cur_irq = saved
+
+
+def apic_dfr_is_flat(apic: KvmLapic) -> bool:
+    """The xAPIC DFR model bits read as flat (0xF) rather than cluster (0x0)."""
+    return apic.dfr == APIC_DFR_FLAT
+

@@ -1,0 +1,139 @@
+"""arch/x86/kvm/vmx/vmx.c: delivering posted interrupts, harvesting PIR into IRR, and the
+software event-injection helpers.
+
+Covered: vmx_deliver_posted_interrupt, kvm_vcpu_trigger_posted_interrupt,
+vmx_sync_pir_to_irr, vmx_set_rvi, vmx_interrupt_allowed, vmx_inject_irq,
+vmx_enable_irq_window, vmx_cancel_injection.  Bug toggles (kvm.toggles, research/bugs.md):
+``fix-running-vcpu-shortcut`` (bug #2's 5.16 fix), ``clear-on-after-harvest`` (spec §16.4).
+"""
+
+from __future__ import annotations
+
+from vkick.hw.cpu import send_ipi
+from vkick.kvm.kvm_host import IN_GUEST_MODE, POSTED_INTR_VECTOR, KvmVcpu
+from vkick.kvm.vmx.posted_intr import pi_test_and_clear_on, pi_test_and_set_on, pi_test_and_set_pir
+
+
+def kvm_vcpu_trigger_posted_interrupt(vcpu: KvmVcpu, nested: bool) -> bool:
+    """arch/x86/kvm/vmx/vmx.c: kvm_vcpu_trigger_posted_interrupt
+
+    If the target is IN_GUEST_MODE, send the notification vector to its CPU and return True.
+    The source's three cases: (1) it stays in the guest → the hardware merges PIR into vIRR
+    without an exit; (2) it exits before the IPI lands and stays runnable → the host handler
+    ignores the IPI, ON is still set, the next entry's sync picks the vector up; (3) it exits
+    and blocks → vcpu_block's runnability check harvests PIR and refuses to block.
+    """
+    if vcpu.mode == IN_GUEST_MODE:
+        send_ipi(vcpu.kvm.host, vcpu.cpu, POSTED_INTR_VECTOR, vcpu.vcpu_id)
+        vcpu.stat.pi_notifications += 1
+        return True
+    return False
+
+
+def vmx_deliver_posted_interrupt(vcpu: KvmVcpu, vector: int) -> int:
+    """arch/x86/kvm/vmx/vmx.c: vmx_deliver_posted_interrupt  [any context; atomic here]
+
+    0 when posted (or coalesced into an already posted vector / outstanding notification),
+    -1 when APICv is inactive and the caller must use IRR + KVM_REQ_EVENT + kick.  The LOCK
+    on ON is the full barrier ordering PIR/ON before the read of ``vcpu->mode`` (spec §16.1).
+    v5.13: no notification and no kick when the target is this CPU's running vCPU (bug #2;
+    ``fix-running-vcpu-shortcut`` applies the 5.16 fix).
+    The W-PI-send window (ON set ↔ mode read) has no await here — the caller is atomic; the
+    vCPU side's preemption points (W-PI-entry0/1/2) open it from the other side.
+    """
+    from vkick.kvm.kvm_main import kvm_get_running_vcpu, kvm_vcpu_kick  # noqa: PLC0415
+
+    if not vcpu.arch.apicv_active:
+        return -1
+    pi = vcpu.pi_desc
+    rt = vcpu.kvm.rt
+    bus = rt.bus
+    if pi_test_and_set_pir(vector, pi):
+        vcpu.arch.path_hint = "coalesced"
+        if bus.on:
+            bus.emit("kvm_pi_post", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, vector=vector,
+                     irq=rt.cur_irq, notify="coalesced_pir")
+        return 0
+    if pi_test_and_set_on(pi):
+        vcpu.arch.path_hint = "posted" if vcpu.mode == IN_GUEST_MODE else "posted_kick"
+        if bus.on:
+            bus.emit("kvm_pi_post", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, vector=vector,
+                     irq=rt.cur_irq, notify="coalesced_on")
+        return 0
+    notify = "none"
+    shortcut = (vcpu is kvm_get_running_vcpu()
+                and "fix-running-vcpu-shortcut" not in vcpu.kvm.toggles)
+    if shortcut:
+        vcpu.arch.path_hint = "posted_kick"
+    elif kvm_vcpu_trigger_posted_interrupt(vcpu, False):
+        notify = "ipi"
+        vcpu.arch.path_hint = "posted"
+    else:
+        notify = "kick"
+        vcpu.arch.path_hint = "wakeup" if vcpu.wait_task is not None else "posted_kick"
+        kvm_vcpu_kick(vcpu)
+    if bus.on:
+        bus.emit("kvm_pi_post", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, vector=vector,
+                 irq=rt.cur_irq, notify=notify)
+    return 0
+
+
+def vmx_set_rvi(vcpu: KvmVcpu, vector: int) -> None:
+    """arch/x86/kvm/vmx/vmx.c: vmx_set_rvi — low byte of GUEST_INTR_STATUS."""
+    vcpu.arch.rvi = vector if vector > 0 else 0
+
+
+def vmx_sync_pir_to_irr(vcpu: KvmVcpu) -> int:
+    """arch/x86/kvm/vmx/vmx.c: vmx_sync_pir_to_irr → max_irr  [vCPU thread, IRQs off]
+
+    Only when ON is set: clear ON, *then* take the PIR words into IRR (the ON protocol of
+    spec §16.4: a vector posted after its word was taken finds ON clear and notifies anew).
+    With ON clear PIR is not read at all.  RVI := max_irr.
+    Bug toggle ``clear-on-after-harvest`` swaps the two steps.
+    """
+    from vkick.kvm.lapic import kvm_apic_update_irr, kvm_lapic_find_highest_irr  # noqa: PLC0415
+
+    pi = vcpu.pi_desc
+    if "clear-on-after-harvest" in vcpu.kvm.toggles:
+        if pi.on:
+            box = [pi.pir]
+            _, max_irr = kvm_apic_update_irr(vcpu, box)
+            pi.pir = box[0]
+            pi_test_and_clear_on(pi)
+        else:
+            max_irr = kvm_lapic_find_highest_irr(vcpu)
+    elif pi.on:
+        pi_test_and_clear_on(pi)
+        box = [pi.pir]
+        _, max_irr = kvm_apic_update_irr(vcpu, box)
+        pi.pir = box[0]
+    else:
+        max_irr = kvm_lapic_find_highest_irr(vcpu)
+    vmx_set_rvi(vcpu, max_irr)
+    return max_irr
+
+
+def vmx_interrupt_allowed(vcpu: KvmVcpu, for_injection: bool) -> int:
+    """arch/x86/kvm/vmx/vmx.c: vmx_interrupt_allowed — RFLAGS.IF and no STI/MOV-SS shadow."""
+    return int(vcpu.arch.rflags_if and not vcpu.arch.interrupt_shadow)
+
+
+def vmx_inject_irq(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/vmx/vmx.c: vmx_inject_irq — write the VM-entry interruption field."""
+    vcpu.stat.irq_injections += 1
+    bus = vcpu.kvm.rt.bus
+    if bus.on:
+        nr = vcpu.arch.interrupt_nr
+        bus.emit("kvm_inj_virq", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, vector=nr,
+                 irq=vcpu.arch.irq_ids.get(nr, []))
+
+
+def vmx_enable_irq_window(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/vmx/vmx.c: vmx_enable_irq_window — interrupt-window exiting on."""
+    vcpu.arch.irq_window_exiting = True
+
+
+def vmx_cancel_injection(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/vmx/vmx.c: vmx_cancel_injection — the event written into the entry field
+    stays queued in ``vcpu->arch.interrupt`` for the next attempt (not lost, not doubled)."""
+    return

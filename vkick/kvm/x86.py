@@ -1,0 +1,350 @@
+"""arch/x86/kvm/x86.c: the vCPU run loop, event injection, halting and blocking.
+
+Covered: vcpu_run (with kvm_arch_vcpu_ioctl_run), vcpu_enter_guest, kvm_vcpu_exit_request,
+inject_pending_event (interrupt part), kvm_cpu_has_injectable_intr, kvm_cpu_has_interrupt,
+kvm_vcpu_running, kvm_vcpu_has_events, kvm_arch_vcpu_runnable, vcpu_block,
+kvm_emulate_halt, vmx_handle_exit (the exit reasons on this path), handle_interrupt_window,
+kvm_pv_kick_cpu_op.  Bug toggles (kvm.toggles): ``no-barrier-after-guest-mode`` (spec
+§16.1a), ``irqs-on-across-entry`` (§16.1b), ``check-requests-before-guest-mode`` (§16.2).
+"""
+
+from __future__ import annotations
+
+from vkick.hw.apicv import (
+    EXIT_APIC_WRITE,
+    EXIT_EOI_INDUCED,
+    EXIT_EXTERNAL_INTERRUPT,
+    EXIT_HLT,
+    EXIT_INTERRUPT_WINDOW,
+    EXIT_IO_INSTRUCTION,
+    EXIT_MSR_WRITE,
+    Exit,
+    vmx_vcpu_run,
+)
+from vkick.hw.cpu import CpuContext, host_interrupt, local_irq_disable, local_irq_enable
+from vkick.kvm.kvm_host import (
+    APIC_DM_REMRD,
+    APIC_ICR,
+    APIC_ICR2,
+    IN_GUEST_MODE,
+    KVM_REQ_EVENT,
+    KVM_REQ_NMI,
+    KVM_REQ_UNBLOCK,
+    KVM_REQ_UNHALT,
+    OUTSIDE_GUEST_MODE,
+    EXITING_GUEST_MODE,
+    Kvm,
+    KvmVcpu,
+    MpState,
+)
+from vkick.kvm.kvm_main import (
+    kvm_check_request,
+    kvm_clear_request,
+    kvm_make_request,
+    kvm_request_pending,
+    kvm_test_request,
+    kvm_vcpu_block,
+    vcpu_load,
+    vcpu_put,
+)
+from vkick.kvm.lapic import (
+    __apic_accept_irq,
+    kvm_apic_accept_events,
+    kvm_apic_has_interrupt,
+    kvm_apic_set_eoi_accelerated,
+    kvm_get_apic_interrupt,
+    kvm_lapic_enabled,
+    kvm_lapic_reg_write,
+    kvm_x2apic_msr_write,
+)
+from vkick.kvm.vmx.posted_intr import pi_post_block, pi_pre_block
+from vkick.kvm.vmx.vmx import (
+    vmx_cancel_injection,
+    vmx_enable_irq_window,
+    vmx_inject_irq,
+    vmx_interrupt_allowed,
+    vmx_sync_pir_to_irr,
+)
+
+_accept_irq = __apic_accept_irq  # module-level alias: safe to call from any scope
+
+
+def kvm_vcpu_running(vcpu: KvmVcpu) -> bool:
+    """arch/x86/kvm/x86.c: kvm_vcpu_running — mp_state RUNNABLE."""
+    return vcpu.arch.mp_state == MpState.KVM_MP_STATE_RUNNABLE
+
+
+def kvm_cpu_has_interrupt(vcpu: KvmVcpu) -> bool:
+    """arch/x86/kvm/irq.c: kvm_cpu_has_interrupt (no PIC on this path)."""
+    return kvm_apic_has_interrupt(vcpu) != -1
+
+
+def kvm_cpu_has_injectable_intr(vcpu: KvmVcpu) -> bool:
+    """arch/x86/kvm/irq.c: kvm_cpu_has_injectable_intr — False with APICv (the hardware
+    injects from RVI), else a deliverable LAPIC vector."""
+    if vcpu.arch.apicv_active:
+        return False
+    return kvm_apic_has_interrupt(vcpu) != -1
+
+
+def kvm_guest_apic_has_interrupt(vcpu: KvmVcpu) -> bool:
+    """arch/x86/kvm/x86.c: kvm_guest_apic_has_interrupt → vmx_guest_apic_has_interrupt:
+    with APICv, RVI's class above VPPR's."""
+    if not vcpu.arch.apicv_active:
+        return False
+    apic = vcpu.arch.apic
+    assert apic is not None
+    rvi = vcpu.arch.rvi
+    return bool(rvi) and (rvi & 0xF0) > (apic.ppr & 0xF0)
+
+
+def kvm_arch_interrupt_allowed(vcpu: KvmVcpu) -> bool:
+    """arch/x86/kvm/x86.c: kvm_arch_interrupt_allowed — IF = 1 and no interrupt shadow."""
+    return vmx_interrupt_allowed(vcpu, False) > 0
+
+
+def kvm_vcpu_has_events(vcpu: KvmVcpu) -> bool:
+    """arch/x86/kvm/x86.c: kvm_vcpu_has_events
+
+    A halted vCPU resumes for INIT/SIPI, a PV unhalt, an NMI, or a *deliverable* interrupt
+    (IF = 1 and a vector above PPR — with APICv the PIR is harvested first).  Spec §14.6.
+    """
+    apic = vcpu.arch.apic
+    if apic is not None and apic.pending_events:
+        return True
+    if vcpu.arch.pv_unhalted:
+        return True
+    if kvm_test_request(KVM_REQ_NMI, vcpu) or vcpu.arch.nmi_pending:
+        return True
+    return kvm_arch_interrupt_allowed(vcpu) and (
+        kvm_cpu_has_interrupt(vcpu) or kvm_guest_apic_has_interrupt(vcpu))
+
+
+def kvm_arch_vcpu_runnable(vcpu: KvmVcpu) -> bool:
+    """arch/x86/kvm/x86.c: kvm_arch_vcpu_runnable."""
+    return kvm_vcpu_running(vcpu) or kvm_vcpu_has_events(vcpu)
+
+
+def kvm_vcpu_exit_request(vcpu: KvmVcpu) -> bool:
+    """arch/x86/kvm/x86.c: kvm_vcpu_exit_request — kicked (EXITING), or a request pending."""
+    return vcpu.mode == EXITING_GUEST_MODE or kvm_request_pending(vcpu)
+
+
+def inject_pending_event(vcpu: KvmVcpu) -> bool:
+    """arch/x86/kvm/x86.c: inject_pending_event (interrupt part) → req_immediate_exit.
+
+    Re-inject an event still in flight first; otherwise, if a vector is injectable and the
+    guest can take it, acknowledge it now (IRR → ISR, PPR) and write the VM-entry field;
+    if one remains (or could not be injected), open the interrupt window.  Spec §14.4.
+    """
+    arch = vcpu.arch
+    can_inject = True
+    if arch.interrupt_injected:
+        vmx_inject_irq(vcpu)
+        can_inject = False
+    if arch.nmi_queued:
+        arch.nmi_pending += arch.nmi_queued  # process_nmi (NMIs recorded, not delivered)
+        arch.nmi_queued = 0
+    if kvm_cpu_has_injectable_intr(vcpu):
+        r = vmx_interrupt_allowed(vcpu, True) if can_inject else -16
+        if r < 0:
+            return True
+        if r:
+            vector = kvm_get_apic_interrupt(vcpu)
+            arch.interrupt_injected = True  # kvm_queue_interrupt
+            arch.interrupt_nr = vector
+            vmx_inject_irq(vcpu)
+        if kvm_cpu_has_injectable_intr(vcpu):
+            vmx_enable_irq_window(vcpu)
+    return False
+
+
+def kvm_emulate_halt(vcpu: KvmVcpu) -> int:
+    """arch/x86/kvm/x86.c: kvm_emulate_halt → kvm_vcpu_halt: mp_state HALTED, stay in KVM."""
+    vcpu.stat.halt_exits += 1
+    vcpu.arch.mp_state = MpState.KVM_MP_STATE_HALTED
+    bus = vcpu.kvm.rt.bus
+    if bus.on:
+        bus.emit("vkick_halt", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id)
+    return 1
+
+
+def handle_interrupt_window(vcpu: KvmVcpu) -> int:
+    """arch/x86/kvm/vmx/vmx.c: handle_interrupt_window — close the window, re-evaluate."""
+    vcpu.arch.irq_window_exiting = False
+    vcpu.stat.irq_window_exits += 1
+    kvm_make_request(KVM_REQ_EVENT, vcpu)
+    return 1
+
+
+def kvm_pv_kick_cpu_op(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/x86.c: kvm_pv_kick_cpu_op — KVM_HC_KICK_CPU: an APIC_DM_REMRD "interrupt"
+    that unhalts ``vcpu`` without delivering anything (pv_unhalted).  vkick's scenario
+    driver uses it to hand the next guest step to an idle (halted) vCPU."""
+    apic = vcpu.arch.apic
+    assert apic is not None
+    _accept_irq(apic, APIC_DM_REMRD, 0, True, 0)
+
+
+async def vmx_handle_exit(vcpu: KvmVcpu, ex: Exit) -> int:
+    """arch/x86/kvm/vmx/vmx.c: vmx_handle_exit — dispatch on the exit reason."""
+    reason, qual, val = ex
+    apic = vcpu.arch.apic
+    assert apic is not None
+    if reason == EXIT_HLT:
+        return kvm_emulate_halt(vcpu)
+    if reason == EXIT_INTERRUPT_WINDOW:
+        return handle_interrupt_window(vcpu)
+    if reason == EXIT_EOI_INDUCED:
+        kvm_apic_set_eoi_accelerated(vcpu, qual)
+        return 1
+    if reason == EXIT_APIC_WRITE:
+        if qual == APIC_ICR:
+            hi, lo = val >> 32, val & 0xFFFFFFFF
+            kvm_lapic_reg_write(apic, APIC_ICR2, hi)
+            kvm_lapic_reg_write(apic, APIC_ICR, lo)
+        else:
+            kvm_lapic_reg_write(apic, qual, val)
+        return 1
+    if reason == EXIT_MSR_WRITE:
+        kvm_x2apic_msr_write(vcpu, qual, val)
+        return 1
+    if reason == EXIT_IO_INSTRUCTION:
+        io_bus = vcpu.kvm.io_bus
+        if io_bus is not None:
+            io_bus(vcpu, qual, val)
+        return 1
+    if reason == EXIT_EXTERNAL_INTERRUPT:
+        vcpu.stat.irq_exits += 1
+        return 1
+    return 1
+
+
+async def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
+    """arch/x86/kvm/x86.c: vcpu_enter_guest → 1 (keep looping)  [vCPU thread]
+
+    Service KVM_REQ_EVENT (inject), disable IRQs, publish IN_GUEST_MODE, full barrier, sync
+    PIR (APICv), re-check for kicks/requests, enter; after the exit: OUTSIDE_GUEST_MODE,
+    handle the exit's interrupt with IRQs still off, enable IRQs (held IPIs are taken by the
+    host here), dispatch the exit.  Spec §14.3 and the handshakes of §16.1–§16.2.
+    """
+    kvm = vcpu.kvm
+    rt = kvm.rt
+    host = kvm.host
+    pcpu = host.pcpus[vcpu.cpu]
+    arch = vcpu.arch
+    toggles = kvm.toggles
+    bus = rt.bus
+    req_immediate_exit = False
+    if kvm_check_request(KVM_REQ_EVENT, vcpu):
+        kvm_apic_accept_events(vcpu)
+        if arch.mp_state == MpState.KVM_MP_STATE_INIT_RECEIVED:
+            return 1
+        req_immediate_exit = inject_pending_event(vcpu)
+    # Bug toggle §16.2: requests checked before IN_GUEST_MODE is published.
+    early_check = "check-requests-before-guest-mode" in toggles
+    if early_check and kvm_vcpu_exit_request(vcpu):
+        vmx_cancel_injection(vcpu)
+        return 1
+    irqs_on = "irqs-on-across-entry" in toggles
+    if not irqs_on:
+        local_irq_disable(pcpu)
+    # Bug toggle §16.1a reads ON here: the load hoisted above the mode store and window.
+    stale_on = vcpu.pi_desc.on
+    # W-PI-entry0: IRQs off ↔ mode = IN_GUEST_MODE.  A notification arriving here is held
+    # pending by the disabled IRQs and recognised in the guest (spec §12.4).
+    await rt.preempt("W-PI-entry0")
+    vcpu.mode = IN_GUEST_MODE
+    # smp_mb__after_srcu_read_unlock: the mode store is visible before the loads of
+    # requests and PID.ON below (store-buffering pair with vmx_deliver_posted_interrupt's
+    # LOCK'd ON and kvm_vcpu_kick's CAS; spec §16.1, §16.2).
+    # W-PI-entry1: posts landing here are caught by the sync below or by their IPI.
+    await rt.preempt("W-PI-entry1")
+    if kvm_lapic_enabled(vcpu) and arch.apicv_active:
+        if "no-barrier-after-guest-mode" in toggles and not stale_on:
+            # Bug toggle §16.1a: without the barrier the ON load may be satisfied before
+            # the mode store is visible — it returns ON as of before the entry.
+            pass
+        else:
+            vmx_sync_pir_to_irr(vcpu)
+    # W-REQ-entry: barrier ↔ kvm_vcpu_exit_request; a kick here CASes the mode to EXITING.
+    await rt.preempt("W-REQ-entry")
+    if not early_check and kvm_vcpu_exit_request(vcpu):
+        vcpu.mode = OUTSIDE_GUEST_MODE
+        local_irq_enable(pcpu)
+        vmx_cancel_injection(vcpu)
+        if req_immediate_exit:
+            kvm_make_request(KVM_REQ_EVENT, vcpu)
+        return 1
+    if req_immediate_exit:
+        kvm_make_request(KVM_REQ_EVENT, vcpu)
+    # W-PI-entry2: exit-request check ↔ VM entry; IPIs and kicks are held pending.
+    await rt.preempt("W-PI-entry2")
+    costs = host.costs
+    if costs.vmentry_ns:
+        await rt.sleep_ns(costs.vmentry_ns)
+    if bus.on:
+        bus.emit("kvm_entry", vm=kvm.name, vcpu=vcpu.vcpu_id, pcpu=pcpu.id)
+    ex = await vmx_vcpu_run(vcpu, pcpu, req_immediate_exit)
+    # VM exit: IRQs are off in the host sense.
+    pcpu.context = CpuContext.IRQS_OFF
+    vcpu.mode = OUTSIDE_GUEST_MODE
+    vcpu.stat.exits += 1
+    if bus.on:
+        bus.emit("kvm_exit", vm=kvm.name, vcpu=vcpu.vcpu_id, pcpu=pcpu.id, reason=ex[0])
+    if costs.vmexit_ns:
+        await rt.sleep_ns(costs.vmexit_ns)
+    if ex[0] == EXIT_EXTERNAL_INTERRUPT:
+        host_interrupt(pcpu, ex[1])  # handle_exit_irqoff
+    local_irq_enable(pcpu)
+    return await vmx_handle_exit(vcpu, ex)
+
+
+async def vcpu_block(kvm: Kvm, vcpu: KvmVcpu) -> int:
+    """arch/x86/kvm/x86.c: vcpu_block  [vCPU thread]
+
+    Sleep in kvm_vcpu_block unless already runnable; woken without KVM_REQ_UNHALT (a
+    KVM_REQ_UNBLOCK) → return to the loop; else accept INIT/SIPI and leave HALTED.
+    """
+    if not kvm_arch_vcpu_runnable(vcpu) and not pi_pre_block(vcpu):
+        await kvm_vcpu_block(vcpu)
+        pi_post_block(vcpu)
+        if not kvm_check_request(KVM_REQ_UNHALT, vcpu):
+            return 1
+    kvm_apic_accept_events(vcpu)
+    if vcpu.arch.mp_state == MpState.KVM_MP_STATE_HALTED:
+        vcpu.arch.pv_unhalted = False
+        vcpu.arch.mp_state = MpState.KVM_MP_STATE_RUNNABLE
+    return 1
+
+
+async def vcpu_run(vcpu: KvmVcpu) -> int:
+    """arch/x86/kvm/x86.c: kvm_arch_vcpu_ioctl_run → vcpu_run  [vCPU thread]
+
+    Enter the guest while runnable, block while halted; host preemption happens between
+    iterations (xfer_to_guest_mode_handle_work) when the time slice is used up and another
+    vCPU thread waits for this CPU.
+    """
+    kvm = vcpu.kvm
+    rt = kvm.rt
+    host = kvm.host
+    await vcpu_load(vcpu)
+    slice_start = rt.now_ns()
+    while True:
+        if kvm_vcpu_running(vcpu):
+            r = await vcpu_enter_guest(vcpu)
+        else:
+            r = await vcpu_block(kvm, vcpu)
+            slice_start = rt.now_ns()
+        if r <= 0:
+            break
+        kvm_clear_request(KVM_REQ_UNBLOCK, vcpu)
+        await rt.preempt("W-HOST-sched")
+        pcpu = host.pcpus[vcpu.cpu]
+        if pcpu.waiters and rt.now_ns() - slice_start >= host.costs.timeslice_ns:
+            vcpu_put(vcpu, preempted=True)
+            await vcpu_load(vcpu)
+            slice_start = rt.now_ns()
+    vcpu_put(vcpu)
+    return r
+

@@ -1,0 +1,107 @@
+"""Run behaviour scenarios (shared/scenarios/FORMAT.md) and compare the guest-visible outcome
+with their expectations: ``vkick check`` and the test suite both call :func:`check_files`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vkick.runtime.sched import PreemptPolicy
+
+
+@dataclass(slots=True)
+class VcpuOutcome:
+    """What one vCPU's guest saw, and its LAPIC as KVM_GET_LAPIC would report it."""
+
+    vectors: list[int] = field(default_factory=list)
+    irr: set[int] = field(default_factory=set)
+    isr: set[int] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class Outcome:
+    vcpus: list[VcpuOutcome]
+    checkpoint_diffs: list[str] = field(default_factory=list)  # failed `expect` steps
+
+
+@dataclass(slots=True)
+class CheckResult:
+    label: str  # "name [apicv=on, seed=0]"
+    passed: bool
+    diff: list[str]
+    outcome: Outcome | None = None
+
+
+def _fmt(vectors: Iterable[int]) -> str:
+    return "[" + ", ".join(f"{v:#04x}" for v in vectors) + "]"
+
+
+def compare_vcpu(where: str, got: VcpuOutcome, vectors: Sequence[int] | None,
+                 irr: Iterable[int] | None, isr: Iterable[int] | None,
+                 count: int | None = None) -> list[str]:
+    """Diff lines for one vCPU's expectation (empty when it holds)."""
+    diff: list[str] = []
+    if vectors is not None and list(vectors) != got.vectors:
+        diff.append(f"{where}: vectors expected {_fmt(vectors)}, got {_fmt(got.vectors)}")
+    if count is not None and count != len(got.vectors):
+        diff.append(f"{where}: count expected {count}, got {len(got.vectors)} "
+                    f"{_fmt(got.vectors)}")
+    if irr is not None and set(irr) != got.irr:
+        diff.append(f"{where}: irr expected {_fmt(sorted(irr))}, got {_fmt(sorted(got.irr))}")
+    if isr is not None and set(isr) != got.isr:
+        diff.append(f"{where}: isr expected {_fmt(sorted(isr))}, got {_fmt(sorted(got.isr))}")
+    return diff
+
+
+def compare(scenario: Any, outcome: Outcome) -> list[str]:
+    """Diff lines between the scenario's final expectations and the outcome."""
+    diff = list(outcome.checkpoint_diffs)
+    expect = scenario.expect
+    named = expect.vcpu if expect is not None else {}
+    for idx, got in enumerate(outcome.vcpus):
+        exp = named.get(idx) if named else None
+        if exp is None:
+            if got.vectors:
+                diff.append(f"vcpu {idx}: expected no deliveries, got {_fmt(got.vectors)}")
+            continue
+        diff += compare_vcpu(f"vcpu {idx}", got, exp.vectors, exp.irr, exp.isr, exp.count)
+    total = expect.total if expect is not None else None
+    if total is not None and total.count is not None:
+        n = sum(len(v.vectors) for v in outcome.vcpus)
+        if n != total.count:
+            diff.append(f"total: count expected {total.count}, got {n}")
+    return diff
+
+
+def check_scenario(scenario: Any, *, seeds: Iterable[int] = (0,),
+                   policy: str = "none") -> list[CheckResult]:
+    """Run one loaded scenario for each APICv mode it names and each seed."""
+    from vkick.scenario.runner import run_scenario  # noqa: PLC0415
+
+    modes = {"on": (True,), "off": (False,), "both": (True, False)}[scenario.topology.apicv]
+    results = []
+    for seed in seeds:
+        pol = PreemptPolicy.random() if policy == "random" else PreemptPolicy.none()
+        for apicv in modes:
+            label = f"{scenario.name} [apicv={'on' if apicv else 'off'}, seed={seed}" + (
+                f", policy={policy}]" if policy != "none" else "]")
+            outcome = run_scenario(scenario, apicv=apicv, seed=seed, policy=pol)
+            diff = compare(scenario, outcome)
+            results.append(CheckResult(label, not diff, diff, outcome))
+    return results
+
+
+def check_files(paths: Iterable[str | Path], *, seeds: Iterable[int] = (0,),
+                policy: str = "none") -> list[CheckResult]:
+    """Load and check every scenario file; a bad file raises ConfigError (one line)."""
+    from vkick.scenario.format import load_scenario  # noqa: PLC0415
+
+    scenarios = [load_scenario(Path(p)) for p in paths]  # validate all before running any
+    seeds = list(seeds)
+    results: list[CheckResult] = []
+    for sc in scenarios:
+        results += check_scenario(sc, seeds=seeds, policy=policy)
+    return results

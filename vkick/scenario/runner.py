@@ -1,0 +1,182 @@
+"""Run one behaviour scenario (shared/scenarios/FORMAT.md) on a fresh runtime.
+
+Topology → one VM (one physical CPU per vCPU), routes → KVM_SET_GSI_ROUTING, irqfds → eventfds
+bound with KVM_IRQFD; vCPU threads and kworkers are started, then the steps run in order with
+the emulation driven to quiescence between them.  Guest steps are queued on the vCPU's guest
+instruction stream; an idle (halted) guest is handed its next step with a PV kick, a guest
+halted by a ``halt`` step is not, and a later step on it waits — forever if nothing wakes it,
+which ends the scenario.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vkick.guest.cpu import GuestCpu
+from vkick.hw.cpu import HostCosts, create_host
+from vkick.kernel.eventfd import EventfdCtx, eventfd_ctx_create, eventfd_signal
+from vkick.kvm.eventfd import kvm_irqfd_assign, kvm_irqfd_deassign
+from vkick.kvm.irq_comm import kvm_send_userspace_msi
+from vkick.kvm.irqchip import MsiRoute, kvm_set_irq_routing_sync
+from vkick.kvm.kvm_host import (
+    APIC_BASE_MSR,
+    APIC_DFR,
+    APIC_ICR,
+    APIC_ID,
+    APIC_LDR,
+    APIC_SPIV,
+    Kvm,
+    KvmVcpu,
+)
+from vkick.kvm.kvm_main import kvm_create_vm, kvm_vm_ioctl_create_vcpu
+from vkick.kvm.x86 import kvm_pv_kick_cpu_op, vcpu_run
+from vkick.runtime.sched import PreemptPolicy
+from vkick.runtime.tasks import Runtime
+from vkick.scenario.check import Outcome, VcpuOutcome, compare_vcpu
+
+# Scenario runs keep the modelled costs small: outcomes, not latencies, are compared.
+SCENARIO_COSTS = HostCosts(vmentry_ns=100, vmexit_ns=100, ipi_latency_ns=50, wakeup_ns=200,
+                           timeslice_ns=1_000_000)
+
+
+def build_vm(rt: Runtime, *, nr_vcpus: int, apicv: bool, x2apic: bool, eoi_auto: bool,
+             name: str = "vm0", handler_ns: int = 0,
+             toggles: frozenset[str] = frozenset()) -> Kvm:
+    """A VM with ``nr_vcpus`` vCPUs, each pinned to its own physical CPU, guests idle."""
+    host = create_host(rt, nr_vcpus, SCENARIO_COSTS)
+    kvm = kvm_create_vm(rt, name, apicv=apicv, host=host, toggles=toggles)
+    for i in range(nr_vcpus):
+        vcpu = kvm_vm_ioctl_create_vcpu(kvm, i, x2apic=x2apic, cpu=i)
+        vcpu.halt_poll_ns = 0
+        guest = GuestCpu(rt, eoi_auto=eoi_auto, handler_ns=handler_ns)
+        guest.unhalt = (lambda v=vcpu: kvm_pv_kick_cpu_op(v))
+        vcpu.guest = guest
+    return kvm
+
+
+def start_vcpus(rt: Runtime, kvm: Kvm) -> None:
+    for vcpu in kvm.vcpus:
+        rt.spawn(f"{kvm.name}/vcpu{vcpu.vcpu_id}", vcpu_run, vcpu)
+
+
+def lapic_state(vcpu: KvmVcpu) -> tuple[set[int], set[int]]:
+    """IRR and ISR as KVM_GET_LAPIC reports them: posted (PIR) bits count as pending."""
+    apic = vcpu.arch.apic
+    assert apic is not None
+    irr = apic.irr | vcpu.pi_desc.pir
+    return _vectors(irr), _vectors(apic.isr)
+
+
+def _vectors(bitmap: int) -> set[int]:
+    out = set()
+    v = 0
+    while bitmap:
+        if bitmap & 1:
+            out.add(v)
+        bitmap >>= 1
+        v += 1
+    return out
+
+
+def _apic_write(guest: GuestCpu, x2apic: bool, reg: int, val: int) -> None:
+    if x2apic:
+        guest.push("msr", APIC_BASE_MSR + (reg >> 4), val)
+    else:
+        guest.push("apic", reg, val)
+
+
+def _outcome_of(vcpu: KvmVcpu) -> VcpuOutcome:
+    irr, isr = lapic_state(vcpu)
+    return VcpuOutcome(vectors=list(vcpu.guest.vectors), irr=irr, isr=isr)
+
+
+async def _run(rt: Runtime, sc: Any, apicv: bool) -> Outcome:
+    topo = sc.topology
+    x2apic = topo.apic_mode == "x2apic"
+    kvm = build_vm(rt, nr_vcpus=topo.vcpus, apicv=apicv, x2apic=x2apic,
+                   eoi_auto=topo.eoi == "auto")
+    await kvm_set_irq_routing_sync(
+        kvm, [MsiRoute(r.gsi, r.address & 0xFFFFFFFF, r.data, r.address >> 32)
+              for r in sc.routes])
+    efds: dict[str, tuple[EventfdCtx, int]] = {}
+    for fd in sc.irqfds:
+        ctx = eventfd_ctx_create(rt, name=fd.name)
+        assert isinstance(ctx, EventfdCtx)
+        efds[fd.name] = (ctx, fd.gsi)
+        if fd.assign:
+            await kvm_irqfd_assign(kvm, ctx, fd.gsi)
+    start_vcpus(rt, kvm)
+    await rt.wait_quiescent()
+    checkpoint_diffs: list[str] = []
+    for i, step in enumerate(sc.steps):
+        do = step.do
+        guest: GuestCpu | None = None
+        if hasattr(step, "vcpu") and do != "expect":
+            guest = kvm.vcpus[step.vcpu].guest
+        if do == "signal":
+            ctx, _ = efds[step.irqfd]
+            for _ in range(step.count):
+                saved = rt.cur_irq
+                rt.cur_irq = rt.next_irq_id()
+                eventfd_signal(ctx, 1)
+                rt.cur_irq = saved
+        elif do == "msi":
+            kvm_send_userspace_msi(kvm, step.address & 0xFFFFFFFF, step.data,
+                                   step.address >> 32)
+        elif do == "assign":
+            ctx, gsi = efds[step.irqfd]
+            await kvm_irqfd_assign(kvm, ctx, gsi)
+        elif do == "deassign":
+            ctx, gsi = efds[step.irqfd]
+            await kvm_irqfd_deassign(kvm, ctx, gsi)
+        elif do == "route":
+            routes = [MsiRoute(r.gsi, r.address & 0xFFFFFFFF, r.data, r.address >> 32)
+                      for r in sc.routes if r.gsi != step.gsi]
+            routes.append(MsiRoute(step.gsi, step.address & 0xFFFFFFFF, step.data,
+                                   step.address >> 32))
+            await kvm_set_irq_routing_sync(kvm, routes)
+        elif do == "wait":
+            await rt.sleep_ns(step.ns)
+        elif do == "expect":
+            vcpu = kvm.vcpus[step.vcpu]
+            checkpoint_diffs += compare_vcpu(f"steps[{i}] (expect) vcpu {step.vcpu}",
+                                             _outcome_of(vcpu), step.vectors, step.irr,
+                                             step.isr)
+        else:
+            assert guest is not None
+            if do == "cli":
+                guest.push("cli")
+            elif do == "sti":
+                guest.push("sti")
+            elif do == "eoi":
+                guest.push("eoi")
+            elif do == "halt":
+                guest.push("hlt")
+            elif do == "tpr":
+                guest.push("tpr", step.value)
+            elif do == "ipi":
+                if x2apic:
+                    guest.push("msr", APIC_BASE_MSR + (APIC_ICR >> 4), step.icr)
+                else:
+                    guest.push("apic", APIC_ICR, step.icr)
+            elif do == "apic":
+                for reg, val in ((APIC_ID, step.id), (APIC_DFR, step.dfr),
+                                 (APIC_LDR, step.ldr), (APIC_SPIV, step.svr)):
+                    if val is not None:
+                        _apic_write(guest, x2apic, reg, val)
+            else:  # pragma: no cover - the format rejects unknown steps
+                raise ValueError(f"steps[{i}].do: unknown step {do!r}")
+        await rt.wait_quiescent()
+        if guest is not None and guest.actions and not guest.idle_halted:
+            # The vCPU is halted (or spinning) with this step not yet run and nothing left
+            # to wake it: the scenario ends here (FORMAT.md "waits on a vCPU that stays
+            # halted").
+            break
+    return Outcome([_outcome_of(v) for v in kvm.vcpus], checkpoint_diffs)
+
+
+def run_scenario(sc: Any, *, apicv: bool, seed: int = 0,
+                 policy: PreemptPolicy | None = None) -> Outcome:
+    """Run ``sc`` once (APICv on or off) and return the guest-visible outcome."""
+    rt = Runtime(seed=seed, policy=policy)
+    return rt.run(_run, rt, sc, apicv)
