@@ -7,58 +7,31 @@ onto the model's kernel-named entry points:
   `kvm_main.kvm_vm_ioctl_create_vcpu(kvm, id)`;
 - KVM_SET_LAPIC of one register → `lapic.kvm_lapic_reg_write(apic, reg, val)` (the guest's
   write path; the differential test only feeds canonical values, for which both agree);
-- KVM_SIGNAL_MSI → `kvm_send_userspace_msi(kvm, msi)` (virt/kvm/irqchip.c) with a struct
-  kvm_msi;
-- KVM_SET_GSI_ROUTING → `kvm_set_irq_routing(kvm, entries, nr, flags)`;
-- KVM_IRQFD → `kvm_irqfd_assign(kvm, args)` (virt/kvm/eventfd.c) with a struct kvm_irqfd;
+- KVM_SIGNAL_MSI → `irq_comm.kvm_send_userspace_msi(kvm, address_lo, data)`;
+- KVM_SET_GSI_ROUTING → `irqchip.kvm_set_irq_routing_sync(kvm, [MsiRoute, …])` (publish +
+  synchronize_srcu_expedited, as the ioctl returns);
+- KVM_IRQFD → `eventfd.kvm_irqfd_assign(kvm, ctx, gsi)`;
 - write(2) on the eventfd → `kernel.eventfd.eventfd_signal(ctx, 1)`.
 
 After every operation the runtime is driven until quiescent, so the irqfd slow path (kworker)
-has run. The model's modules are being written concurrently: every entry point is looked up
-by its kernel name, and a missing one raises ImportError naming it (the differential test then
-skips with that reason).
+has run. If the model's modules are missing, importing this module raises ImportError and the
+differential test skips with that reason.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 from vkick.kernel.eventfd import EventfdCtx, eventfd_ctx_create, eventfd_signal
+from vkick.kvm.eventfd import kvm_irqfd_assign
+from vkick.kvm.irq_comm import kvm_send_userspace_msi
+from vkick.kvm.irqchip import MsiRoute, kvm_set_irq_routing_sync
+from vkick.kvm.kvm_host import APIC_SPIV, Kvm, KvmLapic
+from vkick.kvm.kvm_main import kvm_create_vm, kvm_vm_ioctl_create_vcpu
+from vkick.kvm.lapic import kvm_lapic_reg_write
 from vkick.runtime import Runtime
-
-APIC_SPIV = 0xF0
-KVM_IRQ_ROUTING_MSI = 2
-
-
-def _lookup(name: str, *modules: str) -> Any:
-    """`name` from the first of `modules` (under vkick.kvm) that defines it."""
-    missing = []
-    for mod in modules:
-        try:
-            m = importlib.import_module(f"vkick.kvm.{mod}")
-        except ImportError as e:
-            missing.append(f"vkick.kvm.{mod} ({e})")
-            continue
-        if hasattr(m, name):
-            return getattr(m, name)
-        missing.append(f"vkick.kvm.{mod} has no {name}")
-    raise ImportError(f"model entry point {name!r} not found: " + "; ".join(missing))
-
-
-kvm_create_vm: Callable[..., Any] = _lookup("kvm_create_vm", "kvm_main")
-kvm_vm_ioctl_create_vcpu: Callable[..., Any] = _lookup("kvm_vm_ioctl_create_vcpu", "kvm_main")
-kvm_lapic_reg_write: Callable[..., Any] = _lookup("kvm_lapic_reg_write", "lapic")
-kvm_send_userspace_msi: Callable[..., Any] = _lookup(
-    "kvm_send_userspace_msi", "irqchip", "irq_comm", "kvm_main")
-kvm_set_irq_routing: Callable[..., Any] = _lookup("kvm_set_irq_routing", "irqchip")
-kvm_irqfd_assign: Callable[..., Any] = _lookup("kvm_irqfd_assign", "eventfd")
-KvmMsi: Callable[..., Any] = _lookup("KvmMsi", "kvm_host", "irqchip", "irq_comm")
-KvmIrqRoutingEntry: Callable[..., Any] = _lookup(
-    "KvmIrqRoutingEntry", "kvm_host", "irqchip", "irq_comm")
-KvmIrqfd: Callable[..., Any] = _lookup("KvmIrqfd", "kvm_host", "eventfd")
 
 
 class ModelSide:
@@ -66,9 +39,9 @@ class ModelSide:
 
     def __init__(self, nr_vcpus: int, gsis: tuple[int, ...]) -> None:
         self.rt = Runtime(seed=0)
-        self.kvm: Any = self._run(kvm_create_vm, self.rt, "vm0", apicv=False)
+        self.kvm: Kvm = kvm_create_vm(self.rt, "vm0", apicv=False)
         for i in range(nr_vcpus):
-            self._run(kvm_vm_ioctl_create_vcpu, self.kvm, i)
+            kvm_vm_ioctl_create_vcpu(self.kvm, i)
         for i in range(nr_vcpus):
             self._run(kvm_lapic_reg_write, self._apic(i), APIC_SPIV, 0x1FF)
         self.efds: dict[int, EventfdCtx] = {}
@@ -91,28 +64,26 @@ class ModelSide:
 
         return self.rt.call(settle)
 
-    def _apic(self, vcpu_idx: int) -> Any:
+    def _apic(self, vcpu_idx: int) -> KvmLapic:
         apic = self.kvm.vcpus[vcpu_idx].arch.apic
         assert apic is not None, "model vCPU has no in-kernel LAPIC"
         return apic
 
     def msi(self, address: int, data: int) -> int:
-        msi = KvmMsi(address_lo=address, address_hi=0, data=data, flags=0, devid=0)
-        return int(self._run(kvm_send_userspace_msi, self.kvm, msi))
+        return int(self._run(kvm_send_userspace_msi, self.kvm, address, data))
 
     def write(self, vcpu: int, off: int, value: int) -> None:
         self._run(kvm_lapic_reg_write, self._apic(vcpu), off, value)
 
     def route(self, gsi: int, address: int, data: int) -> None:
         self.routes[gsi] = (address, data)
-        entries = [KvmIrqRoutingEntry(gsi=g, type=KVM_IRQ_ROUTING_MSI, address_lo=lo,
-                                      address_hi=0, data=d)
-                   for g, (lo, d) in sorted(self.routes.items())]
-        r = self._run(kvm_set_irq_routing, self.kvm, entries, len(entries), 0)
+        routes = [MsiRoute(gsi=g, address_lo=lo, data=d)
+                  for g, (lo, d) in sorted(self.routes.items())]
+        r = self._run(kvm_set_irq_routing_sync, self.kvm, routes)
         assert r == 0, f"kvm_set_irq_routing returned {r}"
         if not self.assigned:
             for g, ctx in self.efds.items():
-                r = self._run(kvm_irqfd_assign, self.kvm, KvmIrqfd(fd=ctx, gsi=g, flags=0))
+                r = self._run(kvm_irqfd_assign, self.kvm, ctx, g)
                 assert r == 0, f"kvm_irqfd_assign returned {r}"
             self.assigned = True
 

@@ -22,7 +22,7 @@ from typing import Literal, Protocol
 
 import kvmctl as k
 import pytest
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
 _reason = k.probe()
@@ -134,21 +134,33 @@ class Shadow:
         elif op.reg == "svr":
             self.enabled[op.vcpu] = bool(op.value & k.APIC_SPIV_APIC_ENABLED)
 
-    def logical_ids(self) -> list[int]:
-        return [self.ldr[i] >> 24 for i in range(NR_VCPUS) if self.enabled[i] and self.ldr[i]]
+    def logical_ids(self) -> list[tuple[int, int]]:
+        """(logical ID byte, DFR) of every software-enabled APIC with a non-zero LDR."""
+        return [(self.ldr[i] >> 24, self.dfr[i]) for i in range(NR_VCPUS)
+                if self.enabled[i] and self.ldr[i]]
 
 
 def _version_divergent(sh: Shadow, m: Msi) -> Literal["skip", "ignore-result", "ok"]:
-    """How v5.13 and v6.3+ may differ for MSI `m` in state `sh` (see the fact tests)."""
+    """How v5.13 and v6.3+ may differ for MSI `m` in state `sh` (see the fact tests).
+
+    v6.3+ disables the logical map (→ slow path) where v5.13 resolves it with one slot per
+    APIC: a logical ID covering several slots (flat ID or cluster member nibble with more
+    than one bit) or two APICs on one slot. Duplicate xAPIC IDs likewise disable the
+    physical map. With no logical ID anywhere, v5.13 takes the slow path (-1 or 0) where
+    v6.3+ resolves an empty mask (0).
+    """
     if m.dest == 0xFF:
-        return "ok"  # broadcast: slow path in both
+        return "ok"  # broadcast (physical or logical): slow path in both
     if not m.logical:
         return "skip" if len(set(sh.ids)) != len(sh.ids) else "ok"
     lids = sh.logical_ids()
-    if len(set(lids)) != len(lids):
-        return "skip"  # aliased logical IDs: v6.3+ disables the logical map
+    for lid, dfr in lids:
+        if (lid if dfr == k.APIC_DFR_FLAT else lid & 0xF).bit_count() > 1:
+            return "skip"
+    if len({lid for lid, _ in lids}) != len(lids):
+        return "skip"
     if not lids:
-        return "ignore-result"  # v5.13: slow path, -1 / 0; v6.3+: empty fast path, 0
+        return "ignore-result"
     return "ok"
 
 
@@ -250,7 +262,7 @@ def run_sequence(seq: list[Op], make_model: Callable[[], Side] = _model_side) ->
                 route = sh.routes.get(op.gsi)
                 if route is None:
                     continue  # irqfds are assigned with the first route
-                if _version_divergent(sh, route) != "ok":
+                if _version_divergent(sh, route) == "skip":
                     note(f"step {step}: {op} skipped (v5.13/v6.3+ differ)")
                     continue
                 mdl.signal(op.gsi)
@@ -295,8 +307,8 @@ P = Msi  # shorthand in the tables below
      P(0x11, True, False, 0x52, False), P(0x11, True, True, 0x53, False)],
     [*(RegWrite(i, "ldr", (1 << i) << 24) for i in range(NR_VCPUS)), RegWrite(1, "svr", 0xFF),
      P(0x3, True, True, 0x41, False), P(0x3, True, True, 0x40, False)],
-    [P(0xFF, False, True, 0x52, False), P(0xFF, False, False, 0x51, False, redir=True),
-     P(0xF, True, False, 0x41, False, redir=True), P(2, False, False, 0x42, False, redir=True)],
+    [P(0xFF, False, True, 0x52, False), P(0xF, True, False, 0x41, False, redir=True),
+     P(2, False, False, 0x42, False, redir=True)],
     [Route(1, P(2, False, False, 0x50, False)), Signal(1), Signal(1)],
     [Route(2, P(0xFF, False, False, 0x77, False)), Signal(2)],
     [Route(1, P(0, False, False, 0x41, False)), Route(1, P(3, False, False, 0x62, False)),
@@ -314,9 +326,31 @@ def test_realkvm_end_state_is_deterministic(seq: list[Op]) -> None:
     run_sequence(seq, lambda: RealSide(settle=True))
 
 
+# Model mismatch found by this module (see KNOWN_MODEL_BUG): remove the xfail and the fuzz
+# filter once vkick/kvm/irq_comm.py keeps msi_redir_hint in the broadcast fix-up.
+KNOWN_MODEL_BUG = (
+    "vkick/kvm/irq_comm.py kvm_irq_delivery_to_apic clears msi_redir_hint in the 'phys "
+    "broadcast and lowest prio' fix-up; the kernel (v5.13 and v6.18) only sets "
+    "delivery_mode = FIXED, so a physical-broadcast MSI with the redirection hint is still "
+    "arbitrated and reaches ONE vCPU (vector % candidates), r = 1")
+
+
+def _hits_known_model_bug(seq: list[Op]) -> bool:
+    msis_in = [op.msi if isinstance(op, Route) else op for op in seq
+               if isinstance(op, Msi | Route)]
+    return any(m.dest == 0xFF and not m.logical and m.redir for m in msis_in)
+
+
+@needs_model
+@pytest.mark.xfail(strict=True, reason=KNOWN_MODEL_BUG)
+def test_kvm_irq_delivery_to_apic_phys_broadcast_redir_hint_matches_real_kvm() -> None:
+    run_sequence([P(0xFF, False, False, 0x51, False, redir=True)])
+
+
 @needs_model
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(seq=ops)
 def test_kvm_irq_delivery_to_apic_differential_fuzz(seq: list[Op]) -> None:
+    assume(not _hits_known_model_bug(seq))
     run_sequence(seq)
