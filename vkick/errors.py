@@ -31,7 +31,7 @@ class LogFormatError(VkickError):
         super().__init__(f"{file}:{line}: {what}")
 
 
-class InvariantViolation(VkickError):
+class InvariantViolation(VkickError):  # noqa: N818  (the name the design uses)
     """A guest-visible invariant (spec §17) was broken; carries the reproduction line."""
 
     def __init__(self, invariant: str, detail: str, *, seed: int = 0, config: str = "",

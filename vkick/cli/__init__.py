@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 import tempfile
 import traceback
@@ -28,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vkick {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMANDS:
+        if importlib.util.find_spec(f"vkick.cli.{name}") is None:
+            continue  # a command whose module is not part of this build
         module = importlib.import_module(f"vkick.cli.{name}")
         module.add_parser(sub)
     return parser

@@ -106,7 +106,7 @@ def _eoi_virtualization(vcpu: Any) -> int:
     else -1 (spec §13.4)."""
     arch = vcpu.arch
     apic = arch.apic
-    v = apic.isr.bit_length() - 1
+    v: int = apic.isr.bit_length() - 1
     if v < 0:
         return -1
     apic.isr &= ~(1 << v)
@@ -137,7 +137,8 @@ async def _guest_wait(vcpu: Any, pcpu: PhysicalCpu, ns: int | None) -> int:
             handle.cancel()
     if ns is None:
         return 0
-    return max(0, ns - (rt.now_ns() - start))
+    left: int = max(0, ns - (rt.now_ns() - start))
+    return left
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -162,7 +162,7 @@ def eventfd_signal(ctx: EventfdCtx, n: int) -> int:
         ctx.count = count
         bus = ctx.bus
         if bus.on:
-            bus.emit("eventfd_signal", efd=ctx.name, n=n, count=count)
+            bus.emit("eventfd_signal", efd=ctx.name, n=n, count=count, irq=ctx.rt.cur_irq)
         # NOTE: waitqueue_active + wake_up_locked_poll inlined for speed (bench/bench_eventfd.py).
         wqh = ctx.wqh
         head = wqh.head

@@ -14,8 +14,6 @@ import errno
 from dataclasses import dataclass, field
 
 from vkick.kernel.eventfd import (
-    EPOLLHUP,
-    EPOLLIN,
     EventfdCtx,
     eventfd_ctx_do_read,
     eventfd_ctx_remove_wait_queue,
@@ -30,10 +28,16 @@ from vkick.kernel.seqlock import (
     write_seqcount_end,
 )
 from vkick.kernel.srcu import SrcuStruct, srcu_read_lock, srcu_read_unlock, synchronize_srcu
-from vkick.kernel.wait import WaitQueueEntry, WaitQueueHead, add_wait_queue_priority
+from vkick.kernel.wait import (
+    EPOLLHUP,
+    EPOLLIN,
+    WaitQueueEntry,
+    WaitQueueHead,
+    add_wait_queue_priority,
+)
 from vkick.kernel.workqueue import (
-    WorkStruct,
     Workqueue,
+    WorkStruct,
     alloc_workqueue,
     flush_work,
     flush_workqueue,
@@ -143,10 +147,9 @@ def irqfd_wakeup(wait: WaitQueueEntry, mode: int, sync: int, key: int) -> int:
             schedule_work(irqfd.inject)
         srcu_read_unlock(kvm.irq_srcu, idx)
         ret = 1
-    if flags & EPOLLHUP:
+    if flags & EPOLLHUP and irqfd.active:
         # irqfds.lock (inside wqh.lock): deactivate if still active.
-        if irqfd.active:
-            irqfd_deactivate(irqfd)
+        irqfd_deactivate(irqfd)
     return ret
 
 

@@ -20,9 +20,14 @@ from vkick.hw.cpu import (
     send_ipi,
     smp_processor_id,
 )
-from vkick.kernel.sched import TASK_INTERRUPTIBLE, TASK_RUNNING, TaskStruct, schedule
+from vkick.kernel.sched import (
+    TASK_INTERRUPTIBLE,
+    TASK_RUNNING,
+    TaskStruct,
+    schedule,
+    wake_up_process,
+)
 from vkick.kernel.sched import set_current_state as _set_state
-from vkick.kernel.sched import wake_up_process
 from vkick.kvm.kvm_host import (
     EXITING_GUEST_MODE,
     IN_GUEST_MODE,

@@ -22,6 +22,7 @@ from typing import Final
 from vkick.kvm.kvm_host import (
     APIC_BASE_MSR,
     APIC_DEST_MASK,
+    APIC_DEST_SELF,
     APIC_DFR,
     APIC_DFR_FLAT,
     APIC_DM_EXTINT,
@@ -32,7 +33,6 @@ from vkick.kvm.kvm_host import (
     APIC_DM_REMRD,
     APIC_DM_SMI,
     APIC_DM_STARTUP,
-    APIC_DEST_SELF,
     APIC_EOI,
     APIC_ICR,
     APIC_ICR2,
@@ -376,7 +376,8 @@ def kvm_apic_set_irq(vcpu: KvmVcpu, irq: KvmLapicIrq, dest_map: object = None) -
                              dest_map)
 
 
-def __apic_accept_irq(apic: KvmLapic, delivery_mode: int, vector: int, level: bool,
+def __apic_accept_irq(  # noqa: PLR0917  (the kernel's signature)
+        apic: KvmLapic, delivery_mode: int, vector: int, level: bool,
                       trig_mode: int, dest_map: object = None) -> int:
     """arch/x86/kvm/lapic.c: __apic_accept_irq  [any context, often atomic]
 
@@ -423,7 +424,8 @@ def __apic_accept_irq(apic: KvmLapic, delivery_mode: int, vector: int, level: bo
             from vkick.kvm.kvm_main import kvm_make_request, kvm_vcpu_kick  # noqa: PLC0415
 
             kvm_make_request(KVM_REQ_EVENT, vcpu)
-            path = "wakeup" if vcpu.wait_task is not None else "irr_kick"
+            halted = vcpu.arch.mp_state == MpState.KVM_MP_STATE_HALTED
+            path = "wakeup" if halted else "irr_kick"
             kvm_vcpu_kick(vcpu)
         else:
             coalesced = vcpu.arch.path_hint == "coalesced"

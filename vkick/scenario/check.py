@@ -39,7 +39,7 @@ def _fmt(vectors: Iterable[int]) -> str:
     return "[" + ", ".join(f"{v:#04x}" for v in vectors) + "]"
 
 
-def compare_vcpu(where: str, got: VcpuOutcome, vectors: Sequence[int] | None,
+def compare_vcpu(where: str, got: VcpuOutcome, vectors: Sequence[int] | None, *,
                  irr: Iterable[int] | None, isr: Iterable[int] | None,
                  count: int | None = None) -> list[str]:
     """Diff lines for one vCPU's expectation (empty when it holds)."""
@@ -67,7 +67,8 @@ def compare(scenario: Any, outcome: Outcome) -> list[str]:
             if got.vectors:
                 diff.append(f"vcpu {idx}: expected no deliveries, got {_fmt(got.vectors)}")
             continue
-        diff += compare_vcpu(f"vcpu {idx}", got, exp.vectors, exp.irr, exp.isr, exp.count)
+        diff += compare_vcpu(f"vcpu {idx}", got, exp.vectors, irr=exp.irr, isr=exp.isr,
+                             count=exp.count)
     total = expect.total if expect is not None else None
     if total is not None and total.count is not None:
         n = sum(len(v.vectors) for v in outcome.vcpus)

@@ -176,7 +176,7 @@ class Expect(_Model):
     @classmethod
     def _int_keys(cls, v: Any) -> Any:
         if isinstance(v, dict):
-            out = {}
+            out: dict[int, Any] = {}
             for k, val in v.items():
                 try:
                     out[int(k)] = val
@@ -199,9 +199,9 @@ class Scenario(_Model):
     @model_validator(mode="after")
     def _cross_check(self) -> Scenario:
         names = [f.name for f in self.irqfds]
-        for i, n in enumerate(names):
-            if n in names[:i]:
-                raise _FieldError(f"irqfds[{i}].name", "a unique irqfd name", repr(n))
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise _FieldError(f"irqfds[{i}].name", "a unique irqfd name", repr(name))
         gsis = [r.gsi for r in self.routes]
         for i, g in enumerate(gsis):
             if g in gsis[:i]:
@@ -250,6 +250,7 @@ def validation_error_line(file: str, exc: ValidationError) -> ConfigError:
     if isinstance(inner, _FieldError):
         return ConfigError(file, inner.field, inner.expected, inner.got)
     field = _loc(tuple(err["loc"])) or "(top level)"
+    got: Any
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         return ConfigError(file, field, "no such field (unknown field)", repr(err["input"]))

@@ -140,8 +140,8 @@ async def _run(rt: Runtime, sc: Any, apicv: bool) -> Outcome:
         elif do == "expect":
             vcpu = kvm.vcpus[step.vcpu]
             checkpoint_diffs += compare_vcpu(f"steps[{i}] (expect) vcpu {step.vcpu}",
-                                             _outcome_of(vcpu), step.vectors, step.irr,
-                                             step.isr)
+                                             _outcome_of(vcpu), step.vectors,
+                                             irr=step.irr, isr=step.isr)
         else:
             assert guest is not None
             if do == "cli":

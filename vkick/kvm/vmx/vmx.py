@@ -10,7 +10,7 @@ vmx_enable_irq_window, vmx_cancel_injection.  Bug toggles (kvm.toggles, research
 from __future__ import annotations
 
 from vkick.hw.cpu import send_ipi
-from vkick.kvm.kvm_host import IN_GUEST_MODE, POSTED_INTR_VECTOR, KvmVcpu
+from vkick.kvm.kvm_host import IN_GUEST_MODE, POSTED_INTR_VECTOR, KvmVcpu, MpState
 from vkick.kvm.vmx.posted_intr import pi_test_and_clear_on, pi_test_and_set_on, pi_test_and_set_pir
 
 
@@ -70,7 +70,8 @@ def vmx_deliver_posted_interrupt(vcpu: KvmVcpu, vector: int) -> int:
         vcpu.arch.path_hint = "posted"
     else:
         notify = "kick"
-        vcpu.arch.path_hint = "wakeup" if vcpu.wait_task is not None else "posted_kick"
+        halted = vcpu.arch.mp_state == MpState.KVM_MP_STATE_HALTED
+        vcpu.arch.path_hint = "wakeup" if halted else "posted_kick"
         kvm_vcpu_kick(vcpu)
     if bus.on:
         bus.emit("kvm_pi_post", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, vector=vector,
