@@ -21,6 +21,7 @@ def add_parser(sub: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console  # noqa: PLC0415
+    from rich.markup import escape  # noqa: PLC0415
 
     from vkick.scenario.check import check_files  # noqa: PLC0415
 
@@ -30,10 +31,10 @@ def main(args: argparse.Namespace) -> int:
     failed = 0
     for res in results:
         if res.passed:
-            console.print(f"[green]PASS[/] {res.label}")
+            console.print(f"[green]PASS[/] {escape(res.label)}")
         else:
             failed += 1
-            console.print(f"[red]FAIL[/] {res.label}")
+            console.print(f"[red]FAIL[/] {escape(res.label)}")
             for line in res.diff:
                 console.print(f"    {line}", markup=False)
     total = len(results)
