@@ -22,7 +22,7 @@ from typing import Literal, Protocol
 
 import kvmctl as k
 import pytest
-from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 _reason = k.probe()
@@ -123,6 +123,7 @@ class Shadow:
     dfr: list[int] = field(default_factory=lambda: [k.APIC_DFR_FLAT] * NR_VCPUS)
     enabled: list[bool] = field(default_factory=lambda: [True] * NR_VCPUS)
     routes: dict[int, Msi] = field(default_factory=dict)
+    early_signals: set[int] = field(default_factory=set)  # signalled before any irqfd
 
     def apply(self, op: RegWrite) -> None:
         if op.reg == "id":
@@ -145,14 +146,16 @@ def _version_divergent(sh: Shadow, m: Msi) -> Literal["skip", "ignore-result", "
 
     v6.3+ disables the logical map (→ slow path) where v5.13 resolves it with one slot per
     APIC: a logical ID covering several slots (flat ID or cluster member nibble with more
-    than one bit) or two APICs on one slot. Duplicate xAPIC IDs likewise disable the
-    physical map. With no logical ID anywhere, v5.13 takes the slow path (-1 or 0) where
-    v6.3+ resolves an empty mask (0).
+    than one bit) or two APICs on one slot. Duplicate xAPIC IDs disable the whole map
+    (physical and logical). With no logical ID anywhere, v5.13 takes the slow path (-1 or
+    0) where v6.3+ resolves an empty mask (0).
     """
     if m.dest == 0xFF:
         return "ok"  # broadcast (physical or logical): slow path in both
+    if len(set(sh.ids)) != len(sh.ids):
+        return "skip"  # v6.3+: duplicate xAPIC IDs disable the whole map (logical too)
     if not m.logical:
-        return "skip" if len(set(sh.ids)) != len(sh.ids) else "ok"
+        return "ok"
     lids = sh.logical_ids()
     for lid, dfr in lids:
         if (lid if dfr == k.APIC_DFR_FLAT else lid & 0xF).bit_count() > 1:
@@ -255,21 +258,32 @@ def run_sequence(seq: list[Op], make_model: Callable[[], Side] = _model_side) ->
                 real.write(op.vcpu, op.offset(), op.value)
                 mdl.write(op.vcpu, op.offset(), op.value)
             elif isinstance(op, Route):
+                if (not sh.routes and op.gsi in sh.early_signals
+                        and _version_divergent(sh, op.msi) == "skip"):
+                    # the assignment that comes with the first route injects the early signal
+                    note(f"step {step}: {op} skipped (v5.13/v6.3+ differ)")
+                    continue
                 sh.routes[op.gsi] = op.msi
                 real.route(op.gsi, op.msi.address(), op.msi.data())
                 mdl.route(op.gsi, op.msi.address(), op.msi.data())
             else:
                 route = sh.routes.get(op.gsi)
-                if route is None:
-                    continue  # irqfds are assigned with the first route
-                if _version_divergent(sh, route) == "skip":
+                if not sh.routes:
+                    sh.early_signals.add(op.gsi)
+                # No route yet: the irqfds are not assigned either (that happens with the
+                # first route), so the signal only counts; the assignment will inject it.
+                if route is not None and _version_divergent(sh, route) == "skip":
                     note(f"step {step}: {op} skipped (v5.13/v6.3+ differ)")
                     continue
                 mdl.signal(op.gsi)
                 real.signal(op.gsi)
             want = mdl.state()
-            if isinstance(op, Signal):  # the real slow path runs in a kworker
+            if isinstance(op, Signal | Route):
+                # The real slow path (irqfd_inject) runs in a kworker: wait for the result,
+                # then for quiet, so a pending inject cannot run later under a newer route
+                # (kvm_set_irq looks the route up afresh) — a real-kernel race, not a mismatch.
                 k.poll_until(lambda: real.state() == want, timeout_s=0.1)  # noqa: B023
+                k.settle(real.state, quiet_s=0.01, timeout_s=0.05)
             got = real.state()
             assert got == want and r_real == r_model, (
                 f"step {step} {op}: KVM_SIGNAL_MSI real={r_real} model={r_model}\n"
@@ -310,6 +324,7 @@ P = Msi  # shorthand in the tables below
     [P(0xFF, False, True, 0x52, False), P(0xF, True, False, 0x41, False, redir=True),
      P(2, False, False, 0x42, False, redir=True)],
     [Route(1, P(2, False, False, 0x50, False)), Signal(1), Signal(1)],
+    [Signal(1), Signal(1), Signal(2), Route(1, P(2, False, False, 0x50, False)), Signal(2)],
     [Route(2, P(0xFF, False, False, 0x77, False)), Signal(2)],
     [Route(1, P(0, False, False, 0x41, False)), Route(1, P(3, False, False, 0x62, False)),
      Signal(1)],
@@ -326,24 +341,9 @@ def test_realkvm_end_state_is_deterministic(seq: list[Op]) -> None:
     run_sequence(seq, lambda: RealSide(settle=True))
 
 
-# Model mismatch found by this module (see KNOWN_MODEL_BUG): remove the xfail and the fuzz
-# filter once vkick/kvm/irq_comm.py keeps msi_redir_hint in the broadcast fix-up.
-KNOWN_MODEL_BUG = (
-    "vkick/kvm/irq_comm.py kvm_irq_delivery_to_apic clears msi_redir_hint in the 'phys "
-    "broadcast and lowest prio' fix-up; the kernel (v5.13 and v6.18) only sets "
-    "delivery_mode = FIXED, so a physical-broadcast MSI with the redirection hint is still "
-    "arbitrated and reaches ONE vCPU (vector % candidates), r = 1")
-
-
-def _hits_known_model_bug(seq: list[Op]) -> bool:
-    msis_in = [op.msi if isinstance(op, Route) else op for op in seq
-               if isinstance(op, Msi | Route)]
-    return any(m.dest == 0xFF and not m.logical and m.redir for m in msis_in)
-
-
 @needs_model
-@pytest.mark.xfail(strict=True, reason=KNOWN_MODEL_BUG)
 def test_kvm_irq_delivery_to_apic_phys_broadcast_redir_hint_matches_real_kvm() -> None:
+    """Found by the fuzz below: the broadcast fix-up keeps the redirection hint."""
     run_sequence([P(0xFF, False, False, 0x51, False, redir=True)])
 
 
@@ -352,5 +352,4 @@ def test_kvm_irq_delivery_to_apic_phys_broadcast_redir_hint_matches_real_kvm() -
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(seq=ops)
 def test_kvm_irq_delivery_to_apic_differential_fuzz(seq: list[Op]) -> None:
-    assume(not _hits_known_model_bug(seq))
     run_sequence(seq)
