@@ -69,7 +69,7 @@ class EventfdCtx:
     ``fix_semaphore_underflow`` applies the v6.6 fix 758b49204781 (bug #14); off = v5.13.
     """
 
-    __slots__ = ("bus", "count", "fix_semaphore_underflow", "flags", "kref", "name",
+    __slots__ = ("bus", "count", "fix_semaphore_underflow", "flags", "irqs", "kref", "name",
                  "released", "rt", "wqh")
 
     def __init__(self, rt: Runtime, name: str, count: int = 0, flags: int = 0, *,
@@ -83,6 +83,9 @@ class EventfdCtx:
         self.flags = flags
         self.released = False  # eventfd_release ran (the file is closed)
         self.fix_semaphore_underflow = fix_semaphore_underflow
+        # vkick bookkeeping: correlation ids of the signals counted but not yet consumed by
+        # a reader (irqfd_wakeup, irqfd assignment take them over).
+        self.irqs: list[int] = []
 
     def __repr__(self) -> str:
         return (f"<eventfd_ctx {self.name} count={self.count} flags={self.flags:#o} "
@@ -160,6 +163,9 @@ def eventfd_signal(ctx: EventfdCtx, n: int) -> int:
             n = ULLONG_MAX - count
         count += n
         ctx.count = count
+        irq = ctx.rt.cur_irq
+        if irq:
+            ctx.irqs.append(irq)
         bus = ctx.bus
         if bus.on:
             bus.emit("eventfd_signal", efd=ctx.name, n=n, count=count, irq=ctx.rt.cur_irq)

@@ -128,7 +128,10 @@ def irqfd_wakeup(wait: WaitQueueEntry, mode: int, sync: int, key: int) -> int:
     flags = key
     ret = 0
     if flags & EPOLLIN:
-        eventfd_ctx_do_read(irqfd.eventfd)
+        ctx = irqfd.eventfd
+        eventfd_ctx_do_read(ctx)
+        ids = ctx.irqs  # every signal this read consumes (vkick bookkeeping)
+        ctx.irqs = []
         idx = srcu_read_lock(kvm.irq_srcu)
         while True:
             seq = read_seqcount_begin(irqfd.irq_entry_sc)
@@ -137,13 +140,18 @@ def irqfd_wakeup(wait: WaitQueueEntry, mode: int, sync: int, key: int) -> int:
                                                 irq.address_hi, irq.data, irq.set)
             if not read_seqcount_retry(irqfd.irq_entry_sc, seq):
                 break
-        r = kvm_arch_set_irq_inatomic(snapshot, kvm, KVM_USERSPACE_IRQ_SOURCE_ID, 1, False)
+        saved_irq, saved_merged = rt.cur_irq, rt.cur_merged
+        if ids:
+            rt.cur_irq, rt.cur_merged = ids[-1], ids[:-1]
+        try:
+            r = kvm_arch_set_irq_inatomic(snapshot, kvm, KVM_USERSPACE_IRQ_SOURCE_ID, 1, False)
+        finally:
+            rt.cur_irq, rt.cur_merged = saved_irq, saved_merged
         bus = rt.bus
         if bus.on:
-            bus.emit("irqfd_wakeup", vm=kvm.name, gsi=irqfd.gsi, irq=rt.cur_irq, r=r)
+            bus.emit("irqfd_wakeup", vm=kvm.name, gsi=irqfd.gsi, irq=ids, r=r)
         if r == -errno.EWOULDBLOCK:
-            if rt.cur_irq:
-                irqfd.pending_irqs.append(rt.cur_irq)
+            irqfd.pending_irqs.extend(ids)
             schedule_work(irqfd.inject)
         srcu_read_unlock(kvm.irq_srcu, idx)
         ret = 1
@@ -217,6 +225,9 @@ async def kvm_irqfd_assign(kvm: Kvm, eventfd: EventfdCtx, gsi: int, flags: int =
         bus.emit("irqfd_assign", vm=kvm.name, gsi=gsi, efd=eventfd.name,
                  pending=bool(events & EPOLLIN))
     if events & EPOLLIN:
+        # The count is not drained here; the signals' ids move to the injection.
+        irqfd.pending_irqs.extend(eventfd.irqs)
+        eventfd.irqs = []
         schedule_work(irqfd.inject)
     srcu_read_unlock(kvm.irq_srcu, idx)
     return 0

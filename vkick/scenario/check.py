@@ -19,6 +19,9 @@ class VcpuOutcome:
     vectors: list[int] = field(default_factory=list)
     irr: set[int] = field(default_factory=set)
     isr: set[int] = field(default_factory=set)
+    rflags_if: bool = True  # the guest's IF at the end
+    tpr: int = 0
+    sw_enabled: bool = True
 
 
 @dataclass(slots=True)

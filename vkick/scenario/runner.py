@@ -30,6 +30,7 @@ from vkick.kvm.kvm_host import (
 )
 from vkick.kvm.kvm_main import kvm_create_vm, kvm_vm_ioctl_create_vcpu
 from vkick.kvm.x86 import kvm_pv_kick_cpu_op, vcpu_run
+from vkick.runtime.events import EventSink
 from vkick.runtime.sched import PreemptPolicy
 from vkick.runtime.tasks import Runtime
 from vkick.scenario.check import Outcome, VcpuOutcome, compare_vcpu
@@ -87,7 +88,11 @@ def _apic_write(guest: GuestCpu, x2apic: bool, reg: int, val: int) -> None:
 
 def _outcome_of(vcpu: KvmVcpu) -> VcpuOutcome:
     irr, isr = lapic_state(vcpu)
-    return VcpuOutcome(vectors=list(vcpu.guest.vectors), irr=irr, isr=isr)
+    apic = vcpu.arch.apic
+    assert apic is not None
+    return VcpuOutcome(vectors=list(vcpu.guest.vectors), irr=irr, isr=isr,
+                       rflags_if=vcpu.arch.rflags_if, tpr=apic.tpr,
+                       sw_enabled=apic.sw_enabled)
 
 
 async def _run(rt: Runtime, sc: Any, apicv: bool) -> Outcome:
@@ -95,9 +100,9 @@ async def _run(rt: Runtime, sc: Any, apicv: bool) -> Outcome:
     x2apic = topo.apic_mode == "x2apic"
     kvm = build_vm(rt, nr_vcpus=topo.vcpus, apicv=apicv, x2apic=x2apic,
                    eoi_auto=topo.eoi == "auto")
-    await kvm_set_irq_routing_sync(
-        kvm, [MsiRoute(r.gsi, r.address & 0xFFFFFFFF, r.data, r.address >> 32)
-              for r in sc.routes])
+    routes = {r.gsi: MsiRoute(r.gsi, r.address & 0xFFFFFFFF, r.data, r.address >> 32)
+              for r in sc.routes}
+    await kvm_set_irq_routing_sync(kvm, list(routes.values()))
     efds: dict[str, tuple[EventfdCtx, int]] = {}
     for fd in sc.irqfds:
         ctx = eventfd_ctx_create(rt, name=fd.name)
@@ -130,11 +135,9 @@ async def _run(rt: Runtime, sc: Any, apicv: bool) -> Outcome:
             ctx, gsi = efds[step.irqfd]
             await kvm_irqfd_deassign(kvm, ctx, gsi)
         elif do == "route":
-            routes = [MsiRoute(r.gsi, r.address & 0xFFFFFFFF, r.data, r.address >> 32)
-                      for r in sc.routes if r.gsi != step.gsi]
-            routes.append(MsiRoute(step.gsi, step.address & 0xFFFFFFFF, step.data,
-                                   step.address >> 32))
-            await kvm_set_irq_routing_sync(kvm, routes)
+            routes[step.gsi] = MsiRoute(step.gsi, step.address & 0xFFFFFFFF, step.data,
+                                        step.address >> 32)
+            await kvm_set_irq_routing_sync(kvm, list(routes.values()))
         elif do == "wait":
             await rt.sleep_ns(step.ns)
         elif do == "expect":
@@ -176,7 +179,11 @@ async def _run(rt: Runtime, sc: Any, apicv: bool) -> Outcome:
 
 
 def run_scenario(sc: Any, *, apicv: bool, seed: int = 0,
-                 policy: PreemptPolicy | None = None) -> Outcome:
-    """Run ``sc`` once (APICv on or off) and return the guest-visible outcome."""
+                 policy: PreemptPolicy | None = None,
+                 sinks: tuple[EventSink, ...] = ()) -> Outcome:
+    """Run ``sc`` once (APICv on or off) and return the guest-visible outcome; ``sinks``
+    receive every event of the run."""
     rt = Runtime(seed=seed, policy=policy)
+    for sink in sinks:
+        rt.bus.subscribe(sink)
     return rt.run(_run, rt, sc, apicv)
