@@ -63,7 +63,7 @@ from vkick.kvm.vmx.vmx import (
     vmx_enable_irq_window,
     vmx_inject_irq,
     vmx_interrupt_allowed,
-    vmx_sync_pir_to_irr,
+    vmx_sync_pir_to_irr_entry,
 )
 
 _accept_irq = __apic_accept_irq  # module-level alias: safe to call from any scope
@@ -266,7 +266,7 @@ async def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
             # the mode store is visible — it returns ON as of before the entry.
             pass
         else:
-            vmx_sync_pir_to_irr(vcpu)
+            await vmx_sync_pir_to_irr_entry(vcpu)
     # W-REQ-entry: barrier ↔ kvm_vcpu_exit_request; a kick here CASes the mode to EXITING.
     await rt.preempt("W-REQ-entry")
     if not early_check and kvm_vcpu_exit_request(vcpu):

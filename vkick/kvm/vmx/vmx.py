@@ -114,6 +114,41 @@ def vmx_sync_pir_to_irr(vcpu: KvmVcpu) -> int:
     return max_irr
 
 
+async def vmx_sync_pir_to_irr_entry(vcpu: KvmVcpu) -> int:
+    """vmx_sync_pir_to_irr as called from vcpu_enter_guest, with the ``W-PIR-harvest`` window
+    between clearing ON and taking the PIR words (other CPUs keep posting meanwhile).
+
+    Same steps as :func:`vmx_sync_pir_to_irr`; the await is legal here because the vCPU
+    thread, not an atomic caller, runs it.  With ``clear-on-after-harvest`` the window sits
+    between the harvest and the clear: a vector posted there finds ON set (no
+    notification), then ON is cleared — stuck in PIR with ON = 0 (spec §16.4).
+    """
+    from vkick.kvm.lapic import kvm_apic_update_irr, kvm_lapic_find_highest_irr  # noqa: PLC0415
+
+    pi = vcpu.pi_desc
+    rt = vcpu.kvm.rt
+    if not pi.on:
+        max_irr = kvm_lapic_find_highest_irr(vcpu)
+    elif "clear-on-after-harvest" in vcpu.kvm.toggles:
+        box = [pi.pir]
+        kvm_apic_update_irr(vcpu, box)
+        pi.pir = 0  # the words were exchanged with 0
+        await rt.preempt("W-PIR-harvest")
+        pi_test_and_clear_on(pi)
+        max_irr = kvm_lapic_find_highest_irr(vcpu)
+    else:
+        pi_test_and_clear_on(pi)
+        # W-PIR-harvest: ON cleared ↔ PIR words taken.  A vector posted here is either
+        # taken below or finds ON clear and notifies anew (pairs with the LOCK'd
+        # test-and-set of ON in vmx_deliver_posted_interrupt).
+        await rt.preempt("W-PIR-harvest")
+        box = [pi.pir]
+        _, max_irr = kvm_apic_update_irr(vcpu, box)
+        pi.pir = 0
+    vmx_set_rvi(vcpu, max_irr)
+    return max_irr
+
+
 def vmx_interrupt_allowed(vcpu: KvmVcpu, for_injection: bool) -> int:
     """arch/x86/kvm/vmx/vmx.c: vmx_interrupt_allowed — RFLAGS.IF and no STI/MOV-SS shadow."""
     return int(vcpu.arch.rflags_if and not vcpu.arch.interrupt_shadow)
