@@ -13,7 +13,12 @@ from hypothesis import strategies as st
 from vkick.kernel.eventfd import EventfdCtx, eventfd_ctx_create, eventfd_signal
 from vkick.kernel.sched import TASK_INTERRUPTIBLE, TaskStruct
 from vkick.kvm import lapic
-from vkick.kvm.eventfd import kvm_irqfd_assign, kvm_irqfd_deassign
+from vkick.kvm.eventfd import (
+    KvmIoeventfd,
+    ioeventfd_write,
+    kvm_irqfd_assign,
+    kvm_irqfd_deassign,
+)
 from vkick.kvm.irq_comm import kvm_arch_set_irq_inatomic, kvm_send_userspace_msi, kvm_set_msi_irq
 from vkick.kvm.irqchip import KvmKernelIrqRoutingEntry, MsiRoute, kvm_set_irq, kvm_set_irq_routing
 from vkick.kvm.kvm_host import (
@@ -348,3 +353,14 @@ def test_kvm_send_userspace_msi_logical_flat_reaches_the_matching_set(rt: Runtim
 def test_kvm_vector_to_index_picks_the_vector_mod_n_th_set_bit(vector: int, bitmap: int) -> None:
     bits = [i for i in range(16) if bitmap >> i & 1]
     assert kvm_vector_to_index(vector, len(bits), bitmap, 16) == bits[vector % len(bits)]
+
+
+def test_ioeventfd_write_signals_only_on_a_matching_access(rt: Runtime) -> None:
+    ctx = _efd(rt, "kick")
+    any_len = KvmIoeventfd(addr=0x1000, eventfd=ctx)
+    assert ioeventfd_write(any_len, 0x1004, 2, 0) == -errno.EOPNOTSUPP
+    assert ioeventfd_write(any_len, 0x1000, 2, 7) == 0 and ctx.count == 1
+    match = KvmIoeventfd(addr=0x2000, eventfd=ctx, length=4, datamatch=5)
+    assert ioeventfd_write(match, 0x2000, 4, 6) == -errno.EOPNOTSUPP
+    assert ioeventfd_write(match, 0x2000, 2, 5) == -errno.EOPNOTSUPP
+    assert ioeventfd_write(match, 0x2000, 4, 5) == 0 and ctx.count == 2

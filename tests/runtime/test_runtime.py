@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import logging
+import time
 import warnings
 from typing import Any
 
@@ -19,6 +20,7 @@ from vkick.runtime import (
     Runtime,
     SitePolicy,
 )
+from vkick.runtime.loop import VirtualEventLoop
 from vkick.runtime.windows import WINDOWS, Window
 
 _WORKLOAD_WINDOWS: tuple[Window, ...] = ("W-PI-send", "W-REQ-send", "W-WQ-run", "W-SEQ-copy")
@@ -271,3 +273,19 @@ def test_runtime_asyncio_primitives_work_on_the_virtual_loop() -> None:
         return rt.now_ns(), 1
 
     assert rt.run(main) == (1_000_000, 1)
+
+
+def test_runtime_realtime_mode_runs_on_a_real_loop_with_scaled_time() -> None:
+    """Real time: uvloop (or asyncio), emulated ns = wall ns / scale; deterministic it is not,
+    but time must move and sleeps must last about their scaled length."""
+    rt = Runtime(seed=0, realtime=True, scale=10.0)  # 1 emulated ns = 10 wall ns
+    assert not isinstance(rt.loop, VirtualEventLoop)
+
+    async def main() -> tuple[int, float]:
+        t0, w0 = rt.now_ns(), time.monotonic()
+        await rt.sleep_ns(200_000)  # 2 ms of wall time
+        return rt.now_ns() - t0, time.monotonic() - w0
+
+    emulated, wall = rt.run(main)
+    assert wall >= 0.0019
+    assert emulated >= 190_000
