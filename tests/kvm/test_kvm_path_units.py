@@ -364,3 +364,23 @@ def test_ioeventfd_write_signals_only_on_a_matching_access(rt: Runtime) -> None:
     assert ioeventfd_write(match, 0x2000, 4, 6) == -errno.EOPNOTSUPP
     assert ioeventfd_write(match, 0x2000, 2, 5) == -errno.EOPNOTSUPP
     assert ioeventfd_write(match, 0x2000, 4, 5) == 0 and ctx.count == 2
+
+
+def test_x2apic_icr_fastpath_sends_with_the_sender_still_in_guest_mode(rt: Runtime) -> None:
+    from vkick.kvm.x86 import handle_fastpath_set_x2apic_icr_irqoff  # noqa: PLC0415
+
+    kvm = build_vm(rt, nr_vcpus=2, apicv=False, x2apic=True, eoi_auto=True)
+    sender, target = kvm.vcpus
+    sender.mode = IN_GUEST_MODE
+    modes: list[Any] = []
+
+    def sink(rec: dict[str, Any]) -> None:
+        if rec["ev"] == "kvm_apic_accept_irq":
+            modes.append(sender.mode)
+
+    rt.bus.subscribe(sink)
+    assert handle_fastpath_set_x2apic_icr_irqoff(sender, 1 << 32 | 0x4051)
+    assert _irr(target) == 1 << 0x51 and modes == [IN_GUEST_MODE]
+    # Shorthands, logical destinations and broadcasts take the full exit handler.
+    assert not handle_fastpath_set_x2apic_icr_irqoff(sender, 0xFFFFFFFF << 32 | 0x4052)
+    assert not handle_fastpath_set_x2apic_icr_irqoff(sender, 0x44053)

@@ -4,8 +4,9 @@ Covered: vcpu_run (with kvm_arch_vcpu_ioctl_run), vcpu_enter_guest, kvm_vcpu_exi
 inject_pending_event (interrupt part), kvm_cpu_has_injectable_intr, kvm_cpu_has_interrupt,
 kvm_vcpu_running, kvm_vcpu_has_events, kvm_arch_vcpu_runnable, vcpu_block,
 kvm_emulate_halt, vmx_handle_exit (the exit reasons on this path), handle_interrupt_window,
-kvm_pv_kick_cpu_op.  Bug toggles (kvm.toggles): ``no-barrier-after-guest-mode`` (spec
-§16.1a), ``irqs-on-across-entry`` (§16.1b), ``check-requests-before-guest-mode`` (§16.2).
+kvm_pv_kick_cpu_op, handle_fastpath_set_x2apic_icr_irqoff.  Bug toggles (kvm.toggles):
+``no-barrier-after-guest-mode`` (spec §16.1a), ``irqs-on-across-entry`` (§16.1b),
+``check-requests-before-guest-mode`` (§16.2).
 """
 
 from __future__ import annotations
@@ -23,9 +24,16 @@ from vkick.hw.apicv import (
 )
 from vkick.hw.cpu import CpuContext, host_interrupt, local_irq_disable, local_irq_enable
 from vkick.kvm.kvm_host import (
+    APIC_DEST_MASK,
+    APIC_DEST_NOSHORT,
+    APIC_DEST_PHYSICAL,
+    APIC_DM_FIXED,
     APIC_DM_REMRD,
     APIC_ICR,
     APIC_ICR2,
+    APIC_ICR_BUSY,
+    APIC_MODE_MASK,
+    APIC_SHORT_MASK,
     EXITING_GUEST_MODE,
     IN_GUEST_MODE,
     KVM_REQ_EVENT,
@@ -33,6 +41,7 @@ from vkick.kvm.kvm_host import (
     KVM_REQ_UNBLOCK,
     KVM_REQ_UNHALT,
     OUTSIDE_GUEST_MODE,
+    X2APIC_BROADCAST,
     Kvm,
     KvmVcpu,
     MpState,
@@ -51,6 +60,7 @@ from vkick.kvm.lapic import (
     __apic_accept_irq,
     kvm_apic_accept_events,
     kvm_apic_has_interrupt,
+    kvm_apic_send_ipi,
     kvm_apic_set_eoi_accelerated,
     kvm_get_apic_interrupt,
     kvm_lapic_enabled,
@@ -186,6 +196,32 @@ def kvm_pv_kick_cpu_op(vcpu: KvmVcpu) -> None:
     _accept_irq(apic, APIC_DM_REMRD, 0, True, 0)
 
 
+MSR_X2APIC_ICR = 0x830
+
+
+def handle_fastpath_set_x2apic_icr_irqoff(vcpu: KvmVcpu, data: int) -> bool:
+    """arch/x86/kvm/x86.c: handle_fastpath_set_x2apic_icr_irqoff  [vCPU, IRQs off]
+
+    A physical, fixed, non-broadcast x2APIC ICR write without shorthand is sent right in
+    the exit path, with ``vcpu->mode`` still IN_GUEST_MODE (which is why the running-vCPU
+    shortcut of vmx_deliver_posted_interrupt exists: a self-IPI needs no notification).
+    Returns True when handled (EXIT_FASTPATH_EXIT_HANDLED).
+    """
+    apic = vcpu.arch.apic
+    if apic is None or not apic.x2apic_mode:
+        return False
+    if ((data & APIC_SHORT_MASK) == APIC_DEST_NOSHORT
+            and (data & APIC_DEST_MASK) == APIC_DEST_PHYSICAL
+            and (data & APIC_MODE_MASK) == APIC_DM_FIXED
+            and (data >> 32) != X2APIC_BROADCAST):
+        data &= ~APIC_ICR_BUSY
+        kvm_apic_send_ipi(apic, data & 0xFFFFFFFF, data >> 32)
+        apic.icr2 = data >> 32
+        apic.icr = data & 0xFFFFFFFF
+        return True
+    return False
+
+
 async def vmx_handle_exit(vcpu: KvmVcpu, ex: Exit) -> int:
     """arch/x86/kvm/vmx/vmx.c: vmx_handle_exit — dispatch on the exit reason."""
     reason, qual, val = ex
@@ -286,8 +322,11 @@ async def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
     if bus.on:
         bus.emit("kvm_entry", vm=kvm.name, vcpu=vcpu.vcpu_id, pcpu=pcpu.id)
     ex = await vmx_vcpu_run(vcpu, pcpu, req_immediate_exit)
-    # VM exit: IRQs are off in the host sense.
+    # VM exit: IRQs are off in the host sense; fastpaths run with the mode still
+    # IN_GUEST_MODE (vmx_exit_handlers_fastpath).
     pcpu.context = CpuContext.IRQS_OFF
+    fastpath_handled = (ex[0] == EXIT_MSR_WRITE and ex[1] == MSR_X2APIC_ICR
+                        and handle_fastpath_set_x2apic_icr_irqoff(vcpu, ex[2]))
     vcpu.mode = OUTSIDE_GUEST_MODE
     vcpu.stat.exits += 1
     if bus.on:
@@ -297,6 +336,8 @@ async def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
     if ex[0] == EXIT_EXTERNAL_INTERRUPT:
         host_interrupt(pcpu, ex[1])  # handle_exit_irqoff
     local_irq_enable(pcpu)
+    if fastpath_handled:
+        return 1
     return await vmx_handle_exit(vcpu, ex)
 
 
