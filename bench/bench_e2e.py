@@ -40,6 +40,20 @@ def hop_ns(n: int = 100_000) -> float:
     return (time.perf_counter_ns() - t0) / n
 
 
+def count_callbacks(rt: Runtime) -> list[int]:
+    """Count the callbacks the loop runs (task steps, timers): the "task switches"."""
+    loop: Any = rt.loop
+    counter = [0]
+    run_once = loop._run_once
+
+    def counting_run_once() -> None:
+        counter[0] += len(loop._ready)
+        run_once()
+
+    loop._run_once = counting_run_once
+    return counter
+
+
 def run(vcpus: int, apicv: bool) -> dict[str, Any]:
     rate = 100_000.0
     duration = int(SIGNALS_PER_RUN / (rate * vcpus) * 1e9)
@@ -48,15 +62,7 @@ def run(vcpus: int, apicv: bool) -> dict[str, Any]:
     rt = Runtime(seed=1, policy=cfg.policy)
     stats = DemoStats()
     rt.bus.subscribe(stats)
-    loop: Any = rt.loop
-    callbacks = [0]
-    run_once = loop._run_once
-
-    def counting_run_once() -> None:
-        callbacks[0] += len(loop._ready)
-        run_once()
-
-    loop._run_once = counting_run_once
+    callbacks = count_callbacks(rt)
     t0 = time.perf_counter_ns()
     rt.run(_demo, rt, cfg)
     wall = (time.perf_counter_ns() - t0) / 1e9
@@ -76,15 +82,7 @@ def run_busy(vcpus: int, apicv: bool, n_signals: int = SIGNALS_PER_RUN) -> dict[
 
     rt = Runtime(seed=1)
     delivered = [0]
-    loop: Any = rt.loop
-    callbacks = [0]
-    run_once = loop._run_once
-
-    def counting_run_once() -> None:
-        callbacks[0] += len(loop._ready)
-        run_once()
-
-    loop._run_once = counting_run_once
+    callbacks = count_callbacks(rt)
 
     def busy(vcpu: Any) -> None:
         vcpu.guest.actions.extend([("work", 10_000_000), ("call", busy)])

@@ -10,7 +10,15 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vkick.errors import ConfigError
 
@@ -37,11 +45,15 @@ def _check_msi_data(data: int) -> int:
     return data
 
 
+MsiData = Annotated[int, AfterValidator(_check_msi_data)]
+MsiAddress = Annotated[int, Field(ge=0, le=0xFFFFFFFFFFFFFFFF)]
+
+
 class Route(_Model):
     gsi: int = Field(ge=0, lt=4096)
     type: str = "msi"
-    address: int = Field(ge=0, le=0xFFFFFFFFFFFFFFFF)
-    data: int
+    address: MsiAddress
+    data: MsiData
 
     @field_validator("type")
     @classmethod
@@ -49,11 +61,6 @@ class Route(_Model):
         if v != "msi":
             raise ValueError('expected "msi" (other route types are not modelled yet)')
         return v
-
-    @field_validator("data")
-    @classmethod
-    def _data(cls, v: int) -> int:
-        return _check_msi_data(v)
 
 
 class Irqfd(_Model):
@@ -74,13 +81,8 @@ class SignalStep(_Model):
 
 class MsiStep(_Model):
     do: Literal["msi"]
-    address: int = Field(ge=0, le=0xFFFFFFFFFFFFFFFF)
-    data: int
-
-    @field_validator("data")
-    @classmethod
-    def _data(cls, v: int) -> int:
-        return _check_msi_data(v)
+    address: MsiAddress
+    data: MsiData
 
 
 class IpiStep(_VcpuStep):
@@ -130,13 +132,8 @@ class DeassignStep(_Model):
 class RouteStep(_Model):
     do: Literal["route"]
     gsi: int = Field(ge=0, lt=4096)
-    address: int = Field(ge=0, le=0xFFFFFFFFFFFFFFFF)
-    data: int
-
-    @field_validator("data")
-    @classmethod
-    def _data(cls, v: int) -> int:
-        return _check_msi_data(v)
+    address: MsiAddress
+    data: MsiData
 
 
 class WaitStep(_Model):
