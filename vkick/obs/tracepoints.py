@@ -1,0 +1,144 @@
+"""Every event vkick emits, defined once — the ``TRACE_EVENT`` analogue
+(include/trace/events/kvm.h, arch/x86/kvm/trace.h).
+
+Names are KVM tracepoint names where one exists (``kvm_entry``, ``kvm_exit``,
+``kvm_apic_accept_irq`` …), the kernel function's name otherwise (``irqfd_wakeup``,
+``eventfd_signal``), and ``vkick_…`` for emulator-only events.  Every record also carries
+``t`` (emulated ns), ``ev`` and ``seq`` (global order).  Shared context keys: ``vm`` (VM
+name), ``vcpu`` (vCPU id), ``pcpu`` (physical CPU), ``vector``, ``gsi``, ``irq`` (interrupt
+correlation id, or the list of ids a step satisfies).  ``docs/events.md`` is generated from
+this module (``python -m vkick.obs.tracepoints > docs/events.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+Level = Literal["info", "debug"]
+
+# Field type names: "int", "str", "bool", "int|list[int]", "list[int]".
+_PY: Final = {"int": (int,), "str": (str,), "bool": (bool,), "list[int]": (list,),
+              "int|list[int]": (int, list)}
+
+
+@dataclass(frozen=True, slots=True)
+class EventDef:
+    name: str
+    level: Level
+    doc: str
+    fields: tuple[tuple[str, str, str], ...]  # (name, type, meaning)
+
+
+def _ev(name: str, level: Level, doc: str, *fields: tuple[str, str, str]) -> EventDef:
+    return EventDef(name, level, doc, fields)
+
+
+VM = ("vm", "str", "VM name")
+VCPU = ("vcpu", "int", "vCPU id")
+PCPU = ("pcpu", "int", "physical CPU")
+VECTOR = ("vector", "int", "interrupt vector")
+GSI = ("gsi", "int", "global system interrupt (routing table index)")
+IRQ = ("irq", "int", "interrupt correlation id (0 = none)")
+IRQS = ("irq", "list[int]", "correlation ids of every signal this step satisfies")
+
+EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in (
+    _ev("eventfd_signal", "debug", "fs/eventfd.c eventfd_signal added n to the counter",
+        ("efd", "str", "eventfd name"), ("n", "int", "amount added (capped)"),
+        ("count", "int", "counter after the add"), IRQ),
+    _ev("irqfd_wakeup", "debug", "virt/kvm/eventfd.c irqfd_wakeup ran for EPOLLIN", VM, GSI,
+        IRQS, ("r", "int", "kvm_arch_set_irq_inatomic result (-11 = EWOULDBLOCK → slow path)")),
+    _ev("irqfd_inject", "debug", "the workqueue slow path injects (merged signals once)", VM,
+        GSI, IRQS),
+    _ev("irqfd_assign", "info", "KVM_IRQFD assign", VM, GSI, ("efd", "str", "eventfd name"),
+        ("pending", "bool", "the eventfd was already signalled: injected at assignment")),
+    _ev("irqfd_deassign", "info", "KVM_IRQFD deassign returned", VM, GSI,
+        ("efd", "str", "eventfd name")),
+    _ev("kvm_set_irq", "debug", "virt/kvm/irqchip.c kvm_set_irq", VM, GSI,
+        ("level", "int", "line level"), ("irq_source_id", "int", "source id"), IRQ),
+    _ev("kvm_msi_set_irq", "debug", "an MSI route or KVM_SIGNAL_MSI is decoded", VM,
+        ("address", "int", "MSI address"), ("data", "int", "MSI data"), IRQ),
+    _ev("kvm_apic_accept_irq", "debug", "__apic_accept_irq accepted (or dropped) a vector",
+        VM, VCPU, ("dm", "int", "delivery mode (APIC_DM_*)"), ("tm", "int", "trigger mode"),
+        VECTOR, IRQ,
+        ("path", "str", "posted | posted_kick | wakeup | irr_kick | wq | coalesced | dropped"),
+        ("coalesced", "bool", "the vector was already pending")),
+    _ev("kvm_pi_post", "debug", "vmx_deliver_posted_interrupt posted a vector", VM, VCPU,
+        VECTOR, IRQ, ("notify", "str", "ipi | kick | none | coalesced_pir | coalesced_on")),
+    _ev("kvm_apic_ipi", "info", "a guest ICR write sends an IPI", VM, VCPU,
+        ("icr_low", "int", "ICR bits 31:0"), ("dest_id", "int", "destination"), VECTOR, IRQ),
+    _ev("vkick_host_ipi", "debug", "a physical IPI is sent to a pCPU's inbox", PCPU,
+        ("hvector", "int", "host vector (0xf2 PI notification, 0xfd reschedule)"), VCPU),
+    _ev("vkick_pi_notification", "debug", "posted-interrupt processing in guest mode", VM,
+        VCPU, PCPU, ("in_guest", "bool", "processed by the hardware without an exit")),
+    _ev("kvm_entry", "debug", "VM entry", VM, VCPU, PCPU),
+    _ev("kvm_exit", "info", "VM exit", VM, VCPU, PCPU,
+        ("reason", "str", "EXTERNAL_INTERRUPT | HLT | INTERRUPT_WINDOW | EOI_INDUCED | "
+                          "APIC_WRITE | MSR_WRITE | IO_INSTRUCTION | PREEMPTION_TIMER")),
+    _ev("kvm_inj_virq", "debug", "software injection through the VM-entry field", VM, VCPU,
+        VECTOR, IRQS),
+    _ev("vkick_guest_irq", "info", "the guest takes the interrupt: its handler starts", VM,
+        VCPU, VECTOR, IRQS),
+    _ev("kvm_eoi", "debug", "KVM handles an EOI (-1: nothing in service)", VM, VCPU, VECTOR),
+    _ev("kvm_vcpu_kick", "debug", "kvm_vcpu_kick", VM, VCPU,
+        ("ipi", "bool", "a reschedule IPI was sent"), ("woke", "bool", "a sleeping vCPU woke")),
+    _ev("kvm_vcpu_wakeup", "debug", "kvm_vcpu_block returned", VM, VCPU,
+        ("ns", "int", "time blocked"), ("waited", "bool", "slept (not only polled)"),
+        ("valid", "bool", "woken for a reason")),
+    _ev("vkick_halt", "debug", "the vCPU halted (kvm_emulate_halt)", VM, VCPU),
+    _ev("vkick_vcpu_load", "debug", "vcpu_load: the vCPU thread runs on a pCPU", VM, VCPU,
+        PCPU, ("preempted", "bool", "always false on load")),
+    _ev("vkick_vcpu_put", "debug", "vcpu_put: the vCPU thread leaves its pCPU", VM, VCPU,
+        PCPU, ("preempted", "bool", "involuntarily (time slice)")),
+    _ev("workqueue_queue_work", "debug", "queue_work (queued false: merged into a pending run)",
+        ("wq", "str", "workqueue"), ("work", "str", "work item"),
+        ("queued", "bool", "newly queued")),
+    _ev("workqueue_execute_start", "debug", "a kworker starts a work item",
+        ("wq", "str", "workqueue"), ("work", "str", "work item")),
+    _ev("workqueue_execute_end", "debug", "a kworker finished a work item",
+        ("wq", "str", "workqueue"), ("work", "str", "work item")),
+    _ev("vkick_warn", "info", "WARN_ON_ONCE-like: something a kernel would warn about",
+        ("what", "str", "what happened")),
+)}
+
+OPTIONAL_CONTEXT: Final = frozenset({"vm", "vcpu"})  # vkick_warn may name where it happened
+
+
+def validate(record: dict[str, Any]) -> list[str]:
+    """Problems of one record against the schema (empty when it conforms)."""
+    ev = record.get("ev")
+    definition = EVENTS.get(str(ev))
+    if definition is None:
+        return [f"unknown event {ev!r}"]
+    problems = []
+    names = {"t", "ev", "seq"}
+    for name, type_name, _ in definition.fields:
+        names.add(name)
+        if name not in record:
+            problems.append(f"{ev}: missing field {name!r}")
+        elif not isinstance(record[name], _PY[type_name]):
+            problems.append(f"{ev}.{name}: expected {type_name}, got {record[name]!r}")
+    extra = set(record) - names
+    if ev == "vkick_warn":
+        extra -= OPTIONAL_CONTEXT
+    if extra:
+        problems.append(f"{ev}: undefined fields {sorted(extra)}")
+    return problems
+
+
+def render_markdown() -> str:
+    """docs/events.md."""
+    out = ["# vkick events", "",
+           "Generated from `vkick/obs/tracepoints.py` (do not edit by hand).  Every record is "
+           "one flat JSON object: `t` (emulated ns), `ev`, `seq` (global order), then the "
+           "fields below.", ""]
+    for e in EVENTS.values():
+        out += [f"## `{e.name}` ({e.level})", "", e.doc + ".", "",
+                "| field | type | meaning |", "|---|---|---|"]
+        out += [f"| `{n}` | {t} | {d} |" for n, t, d in e.fields]
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(render_markdown(), end="")
