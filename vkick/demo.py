@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 
 from vkick.kernel.eventfd import EventfdCtx, eventfd_ctx_create, eventfd_signal
 from vkick.kvm.eventfd import kvm_irqfd_assign
 from vkick.kvm.irqchip import MsiRoute, kvm_set_irq_routing_sync
+from vkick.obs.jsonl import JsonlWriter
 from vkick.runtime.events import EventRecord
 from vkick.runtime.sched import PreemptPolicy
 from vkick.runtime.tasks import Runtime
@@ -128,28 +129,6 @@ async def _demo(rt: Runtime, cfg: DemoConfig) -> None:
                  f"workload.{kvm.name}.{i}")
     await rt.sleep_ns(cfg.duration_ns)
     await rt.wait_quiescent()
-
-
-class JsonlWriter:
-    """Every event as one JSON line; whole lines only (buffered, flushed on close)."""
-
-    def __init__(self, path: Path) -> None:
-        self._fh: IO[bytes] = path.open("wb")
-        self._buf: list[bytes] = []
-
-    def __call__(self, rec: EventRecord) -> None:
-        self._buf.append(orjson.dumps(rec) + b"\n")
-        if len(self._buf) >= 4096:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._buf:
-            self._fh.write(b"".join(self._buf))
-            self._buf.clear()
-
-    def close(self) -> None:
-        self.flush()
-        self._fh.close()
 
 
 def run_demo(cfg: DemoConfig, *, log: Path | None = None,
