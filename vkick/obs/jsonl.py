@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 import orjson
 
@@ -74,10 +74,9 @@ class ReadReport:
     bad: list[tuple[str, int, str]] = field(default_factory=list)
 
 
-def _open(path: Path) -> IO[bytes]:
+def _open(path: Path) -> BinaryIO:
     if path.suffix == ".gz":
-        fh: IO[bytes] = gzip.open(path, "rb")  # GzipFile is a binary IO
-        return fh
+        return gzip.open(path, "rb")  # type: ignore[return-value]  # GzipFile is a BinaryIO in practice
     return path.open("rb")
 
 
