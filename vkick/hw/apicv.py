@@ -117,28 +117,25 @@ def _eoi_virtualization(vcpu: Any) -> int:
     return -1
 
 
-async def _guest_wait(vcpu: Any, pcpu: PhysicalCpu, ns: int | None) -> int:
-    """Guest spins (or works ``ns``) until an arrival or new guest work; returns ns left."""
+async def _guest_wait(vcpu: Any, pcpu: PhysicalCpu, until_ns: int | None) -> None:
+    """The guest spins (``until_ns`` None: IF = 0 or nothing to do) or works until
+    ``until_ns``; returns early on an arrival at this CPU or new guest work.
+
+    NOTE: one timer per work deadline, kept across interruptions (its callback only pokes
+    the CPU), rather than a new timer each time an interrupt preempts the work
+    (bench/bench_e2e.py).
+    """
     rt = vcpu.kvm.rt
     loop = rt.loop
     fut: asyncio.Future[None] = loop.create_future()
     pcpu.wake_fut = fut
-    start = rt.now_ns()
-    handle = None
-    if ns is not None:
-        handle = loop.call_at((start + ns) / 1e9, _resolve, fut)
-    rt.blocked_on[vcpu.task.comm] = "guest mode (spinning with IF=0)" if ns is None else "guest"
+    if until_ns is not None and pcpu.work_deadline != until_ns:
+        pcpu.work_deadline = until_ns
+        loop.call_at(until_ns / 1e9, pcpu.poke)
     try:
         await fut
     finally:
         pcpu.wake_fut = None
-        rt.blocked_on.pop(vcpu.task.comm, None)
-        if handle is not None:
-            handle.cancel()
-    if ns is None:
-        return 0
-    left: int = max(0, ns - (rt.now_ns() - start))
-    return left
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -189,10 +186,14 @@ async def vmx_vcpu_run(vcpu: Any, pcpu: PhysicalCpu, immediate_exit: bool = Fals
         action = actions.popleft()
         arch.interrupt_shadow = False
         op = action[0]
-        if op == "work":
-            left = await _guest_wait(vcpu, pcpu, action[1])
-            if left > 0:
-                actions.appendleft(("work", left))
+        if op == "work":  # work for action[1] ns: becomes a deadline
+            actions.appendleft(("work_until", vcpu.kvm.rt.now_ns() + action[1]))
+        elif op == "work_until":
+            deadline = action[1]
+            if vcpu.kvm.rt.now_ns() < deadline:
+                await _guest_wait(vcpu, pcpu, deadline)
+                if vcpu.kvm.rt.now_ns() < deadline:
+                    actions.appendleft(action)  # interrupted: resume the same work later
         elif op == "cli":
             arch.rflags_if = False
         elif op == "sti":

@@ -61,6 +61,7 @@ class PhysicalCpu:
     owner: TaskStruct | None = None  # the vCPU thread holding this CPU
     waiters: list[TaskStruct] = field(default_factory=list)  # runnable threads queued for it
     wake_fut: asyncio.Future[None] | None = None  # guest-mode wait, resolved on an arrival
+    work_deadline: int = -1  # the guest work deadline a timer is already set for
     handlers: dict[int, Callable[[PhysicalCpu], None]] = field(default_factory=dict)
     ipis_received: dict[int, int] = field(default_factory=dict)
 

@@ -59,6 +59,10 @@ from vkick.kvm.kvm_host import (
     MpState,
 )
 
+# kvm_main and vmx import nothing from here at module level, so these are not cycles.
+from vkick.kvm.kvm_main import kvm_make_request, kvm_vcpu_kick
+from vkick.kvm.vmx.vmx import vmx_deliver_posted_interrupt, vmx_sync_pir_to_irr
+
 APIC_MAP_DIRTY: Final = 2
 
 _ALL: Final = (1 << 256) - 1
@@ -279,8 +283,6 @@ def apic_has_interrupt_for_ppr(apic: KvmLapic, ppr: int) -> int:
     """
     vcpu = apic.vcpu
     if vcpu.arch.apicv_active:
-        from vkick.kvm.vmx.vmx import vmx_sync_pir_to_irr  # noqa: PLC0415  (layer cycle)
-
         highest_irr = vmx_sync_pir_to_irr(vcpu)
     else:
         highest_irr = apic_find_highest_irr(apic)
@@ -293,8 +295,6 @@ def apic_update_ppr(apic: KvmLapic) -> None:
     """arch/x86/kvm/lapic.c: apic_update_ppr — raise KVM_REQ_EVENT when a held vector frees."""
     decreased, ppr = __apic_update_ppr(apic)
     if decreased and apic_has_interrupt_for_ppr(apic, ppr) != -1:
-        from vkick.kvm.kvm_main import kvm_make_request  # noqa: PLC0415
-
         kvm_make_request(KVM_REQ_EVENT, apic.vcpu)
 
 
@@ -349,8 +349,6 @@ def apic_set_eoi(apic: KvmLapic) -> int:
     apic_clear_isr(vector, apic)
     apic_update_ppr(apic)
     # kvm_ioapic_send_eoi: MSI vectors are never in ioapic_handled_vectors on this path.
-    from vkick.kvm.kvm_main import kvm_make_request  # noqa: PLC0415
-
     kvm_make_request(KVM_REQ_EVENT, vcpu)
     return vector
 
@@ -360,8 +358,6 @@ def kvm_apic_set_eoi_accelerated(vcpu: KvmVcpu, vector: int) -> None:
     bus = vcpu.kvm.rt.bus
     if bus.on:
         bus.emit("kvm_eoi", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, vector=vector)
-    from vkick.kvm.kvm_main import kvm_make_request  # noqa: PLC0415
-
     kvm_make_request(KVM_REQ_EVENT, vcpu)
 
 
@@ -415,14 +411,10 @@ def __apic_accept_irq(  # noqa: PLR0917  (the kernel's signature)
             ids.append(rt.cur_irq)
             if rt.cur_merged:
                 ids.extend(rt.cur_merged)
-        from vkick.kvm.vmx.vmx import vmx_deliver_posted_interrupt  # noqa: PLC0415
-
         path = vcpu.arch.path_hint
         if vmx_deliver_posted_interrupt(vcpu, vector) != 0:
             coalesced = bool(apic.irr & bit)
             kvm_lapic_set_irr(vector, apic)
-            from vkick.kvm.kvm_main import kvm_make_request, kvm_vcpu_kick  # noqa: PLC0415
-
             kvm_make_request(KVM_REQ_EVENT, vcpu)
             halted = vcpu.arch.mp_state == MpState.KVM_MP_STATE_HALTED
             path = "wakeup" if halted else "irr_kick"
@@ -437,8 +429,6 @@ def __apic_accept_irq(  # noqa: PLR0917  (the kernel's signature)
                      tm=trig_mode, vector=vector, irq=rt.cur_irq, path=path,
                      coalesced=coalesced)
         return result
-    from vkick.kvm.kvm_main import kvm_make_request, kvm_vcpu_kick  # noqa: PLC0415
-
     if delivery_mode == APIC_DM_REMRD:
         vcpu.arch.pv_unhalted = True
         kvm_make_request(KVM_REQ_EVENT, vcpu)

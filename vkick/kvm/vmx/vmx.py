@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from vkick.hw.cpu import send_ipi
 from vkick.kvm.kvm_host import IN_GUEST_MODE, POSTED_INTR_VECTOR, KvmVcpu, MpState
+from vkick.kvm.kvm_main import kvm_get_running_vcpu, kvm_vcpu_kick
 from vkick.kvm.vmx.posted_intr import pi_test_and_clear_on, pi_test_and_set_on, pi_test_and_set_pir
 
 
@@ -41,8 +42,6 @@ def vmx_deliver_posted_interrupt(vcpu: KvmVcpu, vector: int) -> int:
     The W-PI-send window (ON set ↔ mode read) has no await here — the caller is atomic; the
     vCPU side's preemption points (W-PI-entry0/1/2) open it from the other side.
     """
-    from vkick.kvm.kvm_main import kvm_get_running_vcpu, kvm_vcpu_kick  # noqa: PLC0415
-
     if not vcpu.arch.apicv_active:
         return -1
     pi = vcpu.pi_desc
