@@ -12,7 +12,8 @@ import asyncio
 import time
 from typing import Any
 
-from vkick.demo import DemoConfig, DemoStats, _demo
+from vkick.demo import DemoConfig, _demo
+from vkick.obs.stats import RunStats
 from vkick.runtime.loop import VirtualEventLoop
 from vkick.runtime.tasks import Runtime
 
@@ -60,7 +61,7 @@ def run(vcpus: int, apicv: bool) -> dict[str, Any]:
     cfg = DemoConfig(vcpus=vcpus, apicv=apicv, duration_ns=duration, rate_pps=rate,
                      handler_ns=500)
     rt = Runtime(seed=1, policy=cfg.policy)
-    stats = DemoStats()
+    stats = RunStats()
     rt.bus.subscribe(stats)
     callbacks = count_callbacks(rt)
     t0 = time.perf_counter_ns()

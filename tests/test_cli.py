@@ -86,3 +86,35 @@ def test_bad_scenario_gives_one_line_error_and_exit_2(
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
     assert str(path) in err and field in err and "expected" in err
+
+
+def test_vkick_analyze_reproduces_the_run_summary_exactly(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = tmp_path / "run.jsonl"
+    assert main(["run", "--duration", "2ms", "--seed", "5", "--json", "--log", str(log)]) == 0
+    online = json.loads(capsys.readouterr().out)
+    assert main(["analyze", str(log), "--json"]) == 0
+    offline = json.loads(capsys.readouterr().out)
+    assert offline.pop("bad_lines") == []
+    assert offline == online
+
+
+def test_vkick_analyze_reports_corrupt_lines_and_summarises_the_rest(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = tmp_path / "run.jsonl"
+    assert main(["run", "--duration", "1ms", "--json", "--log", str(log)]) == 0
+    capsys.readouterr()
+    lines = log.read_bytes().split(b"\n")
+    lines[3] = b"garbage"
+    log.write_bytes(b"\n".join(lines)[:-20])  # and cut the last record mid-line
+    assert main(["analyze", str(log), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [b["line"] for b in out["bad_lines"]] == [4, len(lines) - 1]
+    assert out["delivered"] > 0
+
+
+def test_vkick_analyze_missing_file_is_a_one_line_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["analyze", str(tmp_path / "nope.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nope.jsonl" in err and "\n" not in err

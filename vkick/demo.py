@@ -4,12 +4,12 @@ One VM, two vCPUs on two physical CPUs; one MSI route, eventfd and irqfd per vCP
 signaller task per irqfd standing in for ``vhost_signal`` (Poisson arrivals, one
 ``eventfd_signal`` each, every signal a new interrupt correlation id).  The guests idle in
 HLT and run a handler of ``handler_ns`` per interrupt.  A small event consumer counts what
-happened to every interrupt; ``--log`` writes every event as JSON lines.
+happened to every interrupt (:class:`vkick.obs.stats.RunStats`); ``--log`` writes
+every event as JSON lines, from which ``vkick analyze`` computes the same summary.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,73 +20,10 @@ from vkick.kernel.eventfd import EventfdCtx, eventfd_ctx_create, eventfd_signal
 from vkick.kvm.eventfd import kvm_irqfd_assign
 from vkick.kvm.irqchip import MsiRoute, kvm_set_irq_routing_sync
 from vkick.obs.jsonl import JsonlWriter
-from vkick.runtime.events import EventRecord
+from vkick.obs.stats import RunStats
 from vkick.runtime.sched import PreemptPolicy
 from vkick.runtime.tasks import Runtime
 from vkick.scenario.runner import build_vm, start_vcpus
-
-
-@dataclass(slots=True)
-class DemoStats:
-    """Per-interrupt accounting from the event stream (an online consumer)."""
-
-    signalled: int = 0
-    accepted: int = 0
-    coalesced: int = 0
-    delivered: int = 0
-    paths: Counter[str] = field(default_factory=Counter)
-    exits: Counter[str] = field(default_factory=Counter)
-    host_ipis: Counter[str] = field(default_factory=Counter)
-    per_vcpu: Counter[int] = field(default_factory=Counter)
-    latencies: list[int] = field(default_factory=list)
-    _t_signal: dict[int, int] = field(default_factory=dict)
-
-    def __call__(self, rec: EventRecord) -> None:
-        ev = rec["ev"]
-        if ev == "vkick_guest_irq":
-            ids = rec["irq"]
-            self.delivered += 1
-            self.per_vcpu[rec["vcpu"]] += 1
-            t = rec["t"]
-            for irq in ids:
-                t0 = self._t_signal.pop(irq, None)
-                if t0 is not None:
-                    self.latencies.append(t - t0)
-        elif ev == "kvm_apic_accept_irq":
-            self.accepted += 1
-            self.paths[rec["path"]] += 1
-            if rec["coalesced"]:
-                self.coalesced += 1
-        elif ev == "kvm_exit":
-            self.exits[rec["reason"]] += 1
-        elif ev == "vkick_host_ipi":
-            self.host_ipis[f"{rec['hvector']:#x}"] += 1
-        elif ev == "eventfd_signal" and rec.get("irq"):
-            self.signalled += 1
-            self._t_signal[rec["irq"]] = rec["t"]
-
-    def percentile(self, q: float) -> int:
-        if not self.latencies:
-            return 0
-        data = sorted(self.latencies)
-        return data[min(len(data) - 1, int(q * len(data)))]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "signalled": self.signalled,
-            "accepted": self.accepted,
-            "coalesced": self.coalesced,
-            "delivered": self.delivered,
-            "undelivered": len(self._t_signal),
-            "paths": dict(sorted(self.paths.items())),
-            "exits": dict(sorted(self.exits.items())),
-            "host_ipis": dict(sorted(self.host_ipis.items())),
-            "per_vcpu": {str(k): v for k, v in sorted(self.per_vcpu.items())},
-            "latency_ns": {"p50": self.percentile(0.50), "p90": self.percentile(0.90),
-                           "p99": self.percentile(0.99),
-                           "max": max(self.latencies, default=0),
-                           "count": len(self.latencies)},
-        }
 
 
 @dataclass(slots=True)
@@ -132,10 +69,10 @@ async def _demo(rt: Runtime, cfg: DemoConfig) -> None:
 
 
 def run_demo(cfg: DemoConfig, *, log: Path | None = None,
-             extra_sink: Any = None) -> DemoStats:
+             extra_sink: Any = None) -> RunStats:
     """Run the demo once; returns the statistics (the log, if any, is closed whole)."""
     rt = Runtime(seed=cfg.seed, policy=cfg.policy)
-    stats = DemoStats()
+    stats = RunStats()
     rt.bus.subscribe(stats)
     writer = JsonlWriter(log) if log is not None else None
     if writer is not None:

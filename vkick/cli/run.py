@@ -29,7 +29,6 @@ def add_parser(sub: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console  # noqa: PLC0415
-    from rich.table import Table  # noqa: PLC0415
 
     from vkick.demo import DemoConfig, run_demo, self_check  # noqa: PLC0415
     from vkick.errors import ConfigError  # noqa: PLC0415
@@ -59,20 +58,27 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        table = Table(title=f"vkick run (demo) — seed {args.seed}, {args.duration}, "
-                            f"APICv {args.apicv}")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for key in ("signalled", "accepted", "coalesced", "delivered", "undelivered"):
-            table.add_row(key, str(summary[key]))
-        for path, n in summary["paths"].items():
-            table.add_row(f"path: {path}", str(n))
-        for reason, n in summary["exits"].items():
-            table.add_row(f"exit: {reason}", str(n))
-        for vec, n in summary["host_ipis"].items():
-            table.add_row(f"host IPI {vec}", str(n))
-        lat = summary["latency_ns"]
-        table.add_row("latency p50/p90/p99/max (ns)",
-                      f"{lat['p50']}/{lat['p90']}/{lat['p99']}/{lat['max']}")
-        console.print(table)
+        console.print(summary_table(summary, f"vkick run (demo) — seed {args.seed}, "
+                                             f"{args.duration}, APICv {args.apicv}"))
     return 1 if summary["undelivered"] else 0
+
+
+def summary_table(summary: dict[str, Any], title: str) -> Any:
+    """The summary as a rich table (shared by ``run`` and ``analyze``)."""
+    from rich.table import Table  # noqa: PLC0415
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("signalled", "accepted", "coalesced", "delivered", "undelivered"):
+        table.add_row(key, str(summary[key]))
+    for path, n in summary["paths"].items():
+        table.add_row(f"path: {path}", str(n))
+    for reason, n in summary["exits"].items():
+        table.add_row(f"exit: {reason}", str(n))
+    for vec, n in summary["host_ipis"].items():
+        table.add_row(f"host IPI {vec}", str(n))
+    lat = summary["latency_ns"]
+    table.add_row("latency p50/p90/p99/max (ns)",
+                  f"{lat['p50']}/{lat['p90']}/{lat['p99']}/{lat['max']}")
+    return table
