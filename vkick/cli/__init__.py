@@ -57,6 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vkick: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (vkick … | head): stop quietly, as cat does.
+        import os  # noqa: PLC0415
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception:
         with tempfile.NamedTemporaryFile(
                 "w", prefix="vkick-crash-", suffix=".txt", delete=False) as fh:
