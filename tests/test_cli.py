@@ -118,3 +118,16 @@ def test_vkick_analyze_missing_file_is_a_one_line_error(
     assert main(["analyze", str(tmp_path / "nope.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
     assert "nope.jsonl" in err and "\n" not in err
+
+
+def test_vkick_analyze_reads_a_rotated_log_as_one_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = tmp_path / "run.jsonl"
+    assert main(["run", "--duration", "1ms", "--json", "--log", str(log),
+                 "--log-max-bytes", "20000"]) == 0
+    online = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "run.jsonl.1").exists()
+    assert main(["analyze", str(log), "--json"]) == 0
+    offline = json.loads(capsys.readouterr().out)
+    offline.pop("bad_lines")
+    assert offline == online

@@ -6,7 +6,7 @@ import gzip
 from pathlib import Path
 
 from vkick.demo import DemoConfig, run_demo
-from vkick.obs.jsonl import JsonlWriter, ReadReport, read_events
+from vkick.obs.jsonl import JsonlWriter, ReadReport, read_events, rotated_parts
 
 
 def _records(n: int) -> list[dict[str, object]]:
@@ -65,3 +65,24 @@ def test_demo_log_is_readable_and_ordered(tmp_path: Path) -> None:
     report = ReadReport()
     seqs = [r["seq"] for r in read_events([log], report)]
     assert seqs == sorted(seqs) and not report.bad and report.records == len(seqs) > 0
+
+
+def test_jsonl_rotation_keeps_whole_records_and_reads_back_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    recs = _records(500)
+    with JsonlWriter(path, max_bytes=4_000) as w:
+        for r in recs:
+            w(r)
+    parts = rotated_parts(path)
+    assert len(parts) == w.parts + 1 > 3
+    assert all(p.stat().st_size <= 4_000 for p in parts)
+    assert all(p.read_bytes().endswith(b"\n") for p in parts)
+    assert list(read_events(parts)) == recs
+
+
+def test_jsonl_event_name_filter(tmp_path: Path) -> None:
+    path = tmp_path / "exits.jsonl"
+    with JsonlWriter(path, events=["kvm_exit"]) as w:
+        for r in _records(10):
+            w(r)
+    assert {r["ev"] for r in read_events([path])} == {"kvm_exit"}

@@ -21,6 +21,7 @@ from vkick.kvm.eventfd import kvm_irqfd_assign
 from vkick.kvm.irqchip import MsiRoute, kvm_set_irq_routing_sync
 from vkick.obs.jsonl import JsonlWriter
 from vkick.obs.stats import RunStats
+from vkick.obs.tracepoints import Level
 from vkick.runtime.sched import PreemptPolicy
 from vkick.runtime.tasks import Runtime
 from vkick.scenario.runner import build_vm, start_vcpus
@@ -68,13 +69,14 @@ async def _demo(rt: Runtime, cfg: DemoConfig) -> None:
     await rt.wait_quiescent()
 
 
-def run_demo(cfg: DemoConfig, *, log: Path | None = None,
-             extra_sink: Any = None) -> RunStats:
+def run_demo(cfg: DemoConfig, *, log: Path | None = None, log_level: Level = "debug",
+             log_max_bytes: int | None = None, extra_sink: Any = None) -> RunStats:
     """Run the demo once; returns the statistics (the log, if any, is closed whole)."""
     rt = Runtime(seed=cfg.seed, policy=cfg.policy)
     stats = RunStats()
     rt.bus.subscribe(stats)
-    writer = JsonlWriter(log) if log is not None else None
+    writer = (JsonlWriter(log, log_level, max_bytes=log_max_bytes)
+              if log is not None else None)
     if writer is not None:
         rt.bus.subscribe(writer)
     if extra_sink is not None:

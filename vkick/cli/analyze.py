@@ -21,13 +21,14 @@ def add_parser(sub: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     import sys  # noqa: PLC0415
 
-    from vkick.errors import ConfigError  # noqa: PLC0415
-    from vkick.obs.jsonl import ReadReport, read_events  # noqa: PLC0415
+    from vkick.obs.jsonl import (  # noqa: PLC0415
+        ReadReport,
+        expand_logs,
+        read_events,
+    )
     from vkick.obs.stats import RunStats  # noqa: PLC0415
 
-    for path in args.logs:
-        if not path.is_file():
-            raise ConfigError(str(path), "(file)", "an existing log file", "no such file")
+    args.logs = expand_logs(args.logs)
     stats = RunStats()
     report = ReadReport()
     for record in read_events(args.logs, report):

@@ -18,13 +18,10 @@ def add_parser(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from vkick.errors import ConfigError  # noqa: PLC0415
-    from vkick.obs.jsonl import read_events  # noqa: PLC0415
+    from vkick.obs.jsonl import expand_logs, read_events  # noqa: PLC0415
     from vkick.obs.plot import plot_latency  # noqa: PLC0415
 
-    for path in args.logs:
-        if not path.is_file():
-            raise ConfigError(str(path), "(file)", "an existing log file", "no such file")
+    args.logs = expand_logs(args.logs)
     out = plot_latency(read_events(args.logs), args.output)
     print(f"wrote {out}")
     return 0

@@ -21,7 +21,12 @@ def add_parser(sub: Any) -> None:
                    help="signals per second per irqfd (default 50000)")
     p.add_argument("--policy", choices=("none", "random"), default="none",
                    help="preemption policy (default none)")
-    p.add_argument("--log", type=Path, default=None, help="write every event as JSON lines")
+    p.add_argument("--log", type=Path, default=None, help="write the events as JSON lines")
+    p.add_argument("--log-level", choices=("info", "debug"), default="debug",
+                   help="debug: every event (default; what analyze/trace/plot read); "
+                        "info: exits, deliveries, IPIs, irqfd changes, warnings")
+    p.add_argument("--log-max-bytes", type=int, default=None, metavar="N",
+                   help="rotate the log every N bytes (LOG.1, LOG.2 … are the older parts)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--self-check", action="store_true",
                    help="run the seed twice and compare the event streams byte for byte")
@@ -53,7 +58,8 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"self-check FAILED for seed {args.seed}: {diff}", markup=False)
         return 1
     with console.status("running…"):
-        stats = run_demo(cfg, log=args.log)
+        stats = run_demo(cfg, log=args.log, log_level=args.log_level,
+                         log_max_bytes=args.log_max_bytes)
     summary = stats.to_json()
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -22,13 +22,14 @@ def main(args: argparse.Namespace) -> int:
 
     import orjson  # noqa: PLC0415
 
-    from vkick.errors import ConfigError  # noqa: PLC0415
-    from vkick.obs.jsonl import ReadReport, read_events  # noqa: PLC0415
+    from vkick.obs.jsonl import (  # noqa: PLC0415
+        ReadReport,
+        expand_logs,
+        read_events,
+    )
     from vkick.obs.perfetto import export_trace, validate_trace  # noqa: PLC0415
 
-    for path in args.logs:
-        if not path.is_file():
-            raise ConfigError(str(path), "(file)", "an existing log file", "no such file")
+    args.logs = expand_logs(args.logs)
     report = ReadReport()
     trace = export_trace(read_events(args.logs, report))
     problems = validate_trace(trace)
