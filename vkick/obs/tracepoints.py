@@ -99,6 +99,9 @@ EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in (
         ("wq", "str", "workqueue"), ("work", "str", "work item")),
     _ev("vkick_warn", "info", "WARN_ON_ONCE-like: something a kernel would warn about",
         ("what", "str", "what happened")),
+    _ev("vkick_log", "info", "a human-facing message from vkick's structlog logger "
+        "(vkick/obs/log.py); further fields are the logger's context",
+        ("level", "str", "log level"), ("msg", "str", "the message")),
 )}
 
 OPTIONAL_CONTEXT: Final = frozenset({"vm", "vcpu"})  # vkick_warn may name where it happened
@@ -121,6 +124,8 @@ def validate(record: dict[str, Any]) -> list[str]:
     extra = set(record) - names
     if ev == "vkick_warn":
         extra -= OPTIONAL_CONTEXT
+    if ev == "vkick_log":
+        extra = set()  # free-form context
     if extra:
         problems.append(f"{ev}: undefined fields {sorted(extra)}")
     return problems

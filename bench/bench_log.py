@@ -1,0 +1,40 @@
+"""Per-event cost: a configured structlog event vs the direct orjson JSON-lines sink.
+
+Run: ``python bench/bench_log.py``.  This is why the event stream bypasses structlog.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+
+from vkick.obs.jsonl import JsonlWriter
+from vkick.obs.log import configure_logging, get_logger
+
+N = 100_000
+
+
+def main() -> None:
+    configure_logging(file=io.BytesIO(), clock=lambda: 123)
+    log = get_logger(vm="vm0")
+    t0 = time.perf_counter_ns()
+    for i in range(N):
+        log.info("kvm_exit", vcpu=0, pcpu=0, reason="HLT", seq=i)
+    structlog_ns = (time.perf_counter_ns() - t0) / N
+    import tempfile  # noqa: PLC0415
+
+    with tempfile.NamedTemporaryFile() as fh, JsonlWriter(fh.name) as w:
+        rec = {"t": 123, "ev": "kvm_exit", "seq": 0, "vm": "vm0", "vcpu": 0, "pcpu": 0,
+               "reason": "HLT"}
+        t0 = time.perf_counter_ns()
+        for i in range(N):
+            rec["seq"] = i
+            w(rec)
+        w.flush()
+        direct_ns = (time.perf_counter_ns() - t0) / N
+    print(f"structlog (configured, orjson renderer): {structlog_ns:,.0f} ns/event")
+    print(f"JsonlWriter (orjson direct):             {direct_ns:,.0f} ns/event")
+
+
+if __name__ == "__main__":
+    main()
