@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -33,13 +34,20 @@ def test_vkick_run_apicv_on_and_off_deliver_the_same_but_exit_differently() -> N
     assert set(off["paths"]) <= {"irr_kick", "wakeup"}
 
 
-def test_vkick_run_log_is_whole_json_lines(tmp_path: Path) -> None:
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_vkick_run_log_is_whole_json_lines(tmp_path: Path, level: str) -> None:
     log = tmp_path / "run.jsonl"
-    assert main(["run", "--duration", "1ms", "--log", str(log)]) == 0
+    assert main(["run", "--duration", "1ms", "--log", str(log), "--log-level", level]) == 0
     lines = log.read_bytes().split(b"\n")
     assert lines[-1] == b""
     records = [json.loads(line) for line in lines[:-1]]
-    assert records and [r["seq"] for r in records] == list(range(len(records)))
+    seqs = [r["seq"] for r in records]
+    assert records and all(a < b for a, b in itertools.pairwise(seqs))
+    if level == "debug":
+        assert seqs == list(range(len(records)))  # nothing filtered out
+    else:
+        assert {r["ev"] for r in records} <= {"irqfd_assign", "vkick_guest_irq", "vkick_irq",
+                                              "kvm_exit", "vkick_host_ipi", "kvm_apic_ipi"}
     assert {"t", "ev", "seq"} <= set(records[0])
 
 
@@ -88,10 +96,12 @@ def test_bad_scenario_gives_one_line_error_and_exit_2(
     assert str(path) in err and field in err and "expected" in err
 
 
+@pytest.mark.parametrize("level", ["info", "debug"])
 def test_vkick_analyze_reproduces_the_run_summary_exactly(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], level: str) -> None:
     log = tmp_path / "run.jsonl"
-    assert main(["run", "--duration", "2ms", "--seed", "5", "--json", "--log", str(log)]) == 0
+    assert main(["run", "--duration", "2ms", "--seed", "5", "--json", "--log", str(log),
+                 "--log-level", level]) == 0
     online = json.loads(capsys.readouterr().out)
     assert main(["analyze", str(log), "--json"]) == 0
     offline = json.loads(capsys.readouterr().out)

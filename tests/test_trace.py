@@ -17,7 +17,8 @@ from vkick.obs.perfetto import export_trace, validate_trace
 def test_trace_of_a_known_run_is_valid_with_one_flow_per_satisfied_signal(
         tmp_path: Path, apicv: bool) -> None:
     log = tmp_path / "run.jsonl"
-    stats = run_demo(DemoConfig(apicv=apicv, duration_ns=1_000_000, seed=3), log=log)
+    stats = run_demo(DemoConfig(apicv=apicv, duration_ns=1_000_000, seed=3), log=log,
+                     log_level="debug")
     trace = export_trace(read_events([log]))
     assert validate_trace(trace) == []
     flows = [e for e in trace["traceEvents"] if e["ph"] == "s"]
@@ -47,7 +48,8 @@ def test_validate_trace_rejects_broken_structure() -> None:
 def test_vkick_trace_cli_writes_the_trace(tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     log = tmp_path / "run.jsonl"
-    assert main(["run", "--duration", "500us", "--log", str(log), "--json"]) == 0
+    assert main(["run", "--duration", "500us", "--log", str(log), "--log-level", "debug",
+                 "--json"]) == 0
     out = tmp_path / "trace.json"
     assert main(["trace", str(log), "-o", str(out)]) == 0
     assert validate_trace(json.loads(out.read_bytes())) == []

@@ -19,6 +19,7 @@ import orjson
 from vkick.kernel.eventfd import EventfdCtx, eventfd_ctx_create, eventfd_signal
 from vkick.kvm.eventfd import kvm_irqfd_assign
 from vkick.kvm.irqchip import MsiRoute, kvm_set_irq_routing_sync
+from vkick.obs.irqlife import attach
 from vkick.obs.jsonl import JsonlWriter
 from vkick.obs.stats import RunStats
 from vkick.obs.tracepoints import Level
@@ -74,15 +75,13 @@ def run_demo(cfg: DemoConfig, *, log: Path | None = None, log_level: Level = "de
     """Run the demo once; returns the statistics (the log, if any, is closed whole)."""
     rt = Runtime(seed=cfg.seed, policy=cfg.policy)
     stats = RunStats()
-    rt.bus.subscribe(stats)
     writer = (JsonlWriter(log, log_level, max_bytes=log_max_bytes)
               if log is not None else None)
-    if writer is not None:
-        rt.bus.subscribe(writer)
-    if extra_sink is not None:
-        rt.bus.subscribe(extra_sink)
+    sinks = [s for s in (stats, writer, extra_sink) if s is not None]
+    life = attach(rt.bus, *sinks)  # the lifecycle tracker goes last
     try:
         rt.run(_demo, rt, cfg)
+        life.finish()
     finally:
         if writer is not None:
             writer.close()

@@ -22,9 +22,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--policy", choices=("none", "random"), default="none",
                    help="preemption policy (default none)")
     p.add_argument("--log", type=Path, default=None, help="write the events as JSON lines")
-    p.add_argument("--log-level", choices=("info", "debug"), default="debug",
-                   help="debug: every event (default; what analyze/trace/plot read); "
-                        "info: exits, deliveries, IPIs, irqfd changes, warnings")
+    p.add_argument("--log-level", choices=("info", "debug"), default="info",
+                   help="info (default): one record per interrupt's life, per VM exit, per "
+                        "IPI (enough for analyze and plot); debug: every step (for trace)")
     p.add_argument("--log-max-bytes", type=int, default=None, metavar="N",
                    help="rotate the log every N bytes (LOG.1, LOG.2 … are the older parts)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -76,7 +76,7 @@ def summary_table(summary: dict[str, Any], title: str) -> Any:
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("signalled", "accepted", "coalesced", "delivered", "undelivered"):
+    for key in ("signalled", "coalesced", "delivered", "undelivered"):
         table.add_row(key, str(summary[key]))
     for path, n in summary["paths"].items():
         table.add_row(f"path: {path}", str(n))

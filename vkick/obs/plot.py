@@ -14,27 +14,15 @@ RATE_BUCKET_NS = 100_000
 
 
 def collect(records: Iterable[dict[str, Any]]) -> tuple[dict[str, list[int]], Counter[int]]:
-    """Signal → handler latencies per path, and deliveries per 100 µs bucket."""
-    t_source: dict[int, int] = {}
-    path_of: dict[int, str] = {}
+    """Signal → handler latencies per path (from ``vkick_irq``), deliveries per 100 µs."""
     latencies: dict[str, list[int]] = {}
     rate: Counter[int] = Counter()
     for rec in records:
         ev = rec["ev"]
-        if ev in ("eventfd_signal", "kvm_msi_set_irq", "kvm_apic_ipi"):
-            irq = rec.get("irq")
-            if irq and irq not in t_source:
-                t_source[irq] = rec["t"]
-        elif ev == "kvm_apic_accept_irq" and rec["irq"]:
-            path_of.setdefault(rec["irq"], rec["path"])
+        if ev == "vkick_irq" and rec["delivered"]:
+            latencies.setdefault(rec["path"], []).append(max(1, rec["latency_ns"]))
         elif ev == "vkick_guest_irq":
             rate[rec["t"] // RATE_BUCKET_NS] += 1
-            ids = rec["irq"]
-            path = next((path_of[i] for i in ids if i in path_of), "unknown")
-            for irq in ids:
-                t0 = t_source.pop(irq, None)
-                if t0 is not None:
-                    latencies.setdefault(path, []).append(max(1, rec["t"] - t0))
     return latencies, rate
 
 
