@@ -46,3 +46,41 @@ def test_irqlife_follows_sources_to_deliveries_and_reports_the_undelivered() -> 
     # The log stays in seq order: each vkick_irq comes right after its delivery.
     seqs = [r["seq"] for r in seen]
     assert seqs == sorted(seqs)
+
+
+def test_invariant_checker_reports_lost_spurious_and_after_deassign_with_traces() -> None:
+    from vkick.obs.invariants import InvariantChecker  # noqa: PLC0415
+
+    clock = VirtualClock()
+    bus = EventBus(clock)
+    checker = InvariantChecker(stall_ns=1_000)
+    life = attach(bus, checker)
+
+    def at(t: int, ev: str, **f: Any) -> None:
+        clock.ns = t
+        bus.emit(ev, **f)
+
+    at(0, "eventfd_signal", efd="e", n=1, count=1, irq=1)
+    at(10, "irqfd_wakeup", vm="vm0", gsi=1, irq=[1], r=1)
+    at(20, "irqfd_deassign", vm="vm0", gsi=1, efd="e")
+    at(30, "eventfd_signal", efd="e", n=1, count=1, irq=2)
+    at(40, "irqfd_wakeup", vm="vm0", gsi=1, irq=[2], r=1)  # after deassign: a violation
+    at(50, "vkick_guest_irq", vm="vm0", vcpu=0, vector=0x41, irq=[])  # spurious
+    at(5_000, "vkick_guest_irq", vm="vm0", vcpu=0, vector=0x41, irq=[1])  # late
+    life.finish()  # irq 2 never delivered: lost
+    found = {v.invariant: v for v in checker.violations}
+    assert set(found) == {"17.15 no delivery after deassign", "17.2 no spurious delivery",
+                          "17.1 no lost interrupt (bound)", "17.1 no lost interrupt"}
+    lost = found["17.1 no lost interrupt"]
+    assert lost.irq == 2 and [r["ev"] for r in lost.trace][:2] == ["eventfd_signal",
+                                                                   "irqfd_wakeup"]
+
+
+def test_default_run_has_no_violations() -> None:
+    from vkick.demo import DemoConfig, run_demo  # noqa: PLC0415
+    from vkick.obs.invariants import InvariantChecker  # noqa: PLC0415
+
+    for apicv in (True, False):
+        checker = InvariantChecker()
+        run_demo(DemoConfig(apicv=apicv, duration_ns=2_000_000), checker=checker)
+        assert checker.violations == []

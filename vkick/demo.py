@@ -19,6 +19,7 @@ import orjson
 from vkick.kernel.eventfd import EventfdCtx, eventfd_ctx_create, eventfd_signal
 from vkick.kvm.eventfd import kvm_irqfd_assign
 from vkick.kvm.irqchip import MsiRoute, kvm_set_irq_routing_sync
+from vkick.obs.invariants import InvariantChecker
 from vkick.obs.irqlife import attach
 from vkick.obs.jsonl import JsonlWriter
 from vkick.obs.stats import RunStats
@@ -71,13 +72,14 @@ async def _demo(rt: Runtime, cfg: DemoConfig) -> None:
 
 
 def run_demo(cfg: DemoConfig, *, log: Path | None = None, log_level: Level = "debug",
-             log_max_bytes: int | None = None, extra_sink: Any = None) -> RunStats:
+             log_max_bytes: int | None = None, extra_sink: Any = None,
+             checker: InvariantChecker | None = None) -> RunStats:
     """Run the demo once; returns the statistics (the log, if any, is closed whole)."""
     rt = Runtime(seed=cfg.seed, policy=cfg.policy)
     stats = RunStats()
     writer = (JsonlWriter(log, log_level, max_bytes=log_max_bytes)
               if log is not None else None)
-    sinks = [s for s in (stats, writer, extra_sink) if s is not None]
+    sinks = [s for s in (stats, writer, extra_sink, checker) if s is not None]
     life = attach(rt.bus, *sinks)  # the lifecycle tracker goes last
     try:
         rt.run(_demo, rt, cfg)

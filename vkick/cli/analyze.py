@@ -21,6 +21,7 @@ def add_parser(sub: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     import sys  # noqa: PLC0415
 
+    from vkick.obs.invariants import InvariantChecker  # noqa: PLC0415
     from vkick.obs.jsonl import (  # noqa: PLC0415
         ReadReport,
         expand_logs,
@@ -30,10 +31,13 @@ def main(args: argparse.Namespace) -> int:
 
     args.logs = expand_logs(args.logs)
     stats = RunStats()
+    checker = InvariantChecker()
     report = ReadReport()
     for record in read_events(args.logs, report):
         stats(record)
+        checker(record)
     summary = stats.to_json()
+    summary["violations"] = [v.to_json() for v in checker.violations]
     if args.json:
         summary = {**summary, "bad_lines": [
             {"file": f, "line": n, "reason": r} for f, n, r in report.bad]}
@@ -45,6 +49,8 @@ def main(args: argparse.Namespace) -> int:
 
         names = ", ".join(str(p) for p in args.logs)
         Console(highlight=False).print(summary_table(summary, f"vkick analyze — {names}"))
+        for v in checker.violations:
+            print(f"violation {v.invariant}: {v.detail}", file=sys.stderr)
         for f, n, r in report.bad:
             print(f"{f}:{n}: skipped: {r}", file=sys.stderr)
-    return 0
+    return 1 if checker.violations else 0

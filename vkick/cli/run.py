@@ -37,6 +37,7 @@ def main(args: argparse.Namespace) -> int:
 
     from vkick.demo import DemoConfig, run_demo, self_check  # noqa: PLC0415
     from vkick.errors import ConfigError  # noqa: PLC0415
+    from vkick.obs.invariants import InvariantChecker  # noqa: PLC0415
     from vkick.runtime import PreemptPolicy, parse_duration_ns  # noqa: PLC0415
 
     try:
@@ -58,15 +59,20 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"self-check FAILED for seed {args.seed}: {diff}", markup=False)
         return 1
     with console.status("running…"):
+        checker = InvariantChecker()
         stats = run_demo(cfg, log=args.log, log_level=args.log_level,
-                         log_max_bytes=args.log_max_bytes)
+                         log_max_bytes=args.log_max_bytes, checker=checker)
     summary = stats.to_json()
+    summary["violations"] = [v.to_json() for v in checker.violations]
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         console.print(summary_table(summary, f"vkick run (demo) — seed {args.seed}, "
                                              f"{args.duration}, APICv {args.apicv}"))
-    return 1 if summary["undelivered"] else 0
+        for v in checker.violations:
+            console.print(f"[red]violation[/] {v.invariant}: {v.detail} "
+                          f"(reproduce: vkick run --seed {args.seed})", markup=True)
+    return 1 if checker.violations else 0
 
 
 def summary_table(summary: dict[str, Any], title: str) -> Any:

@@ -69,12 +69,12 @@ def _ppr_virtualization(vcpu: Any) -> None:
     apic.ppr = tpr & 0xFF if (tpr & 0xF0) >= (svi & 0xF0) else svi & 0xF0
 
 
-def take_interrupt(vcpu: Any, vector: int) -> None:
+def take_interrupt(vcpu: Any, vector: int, ids: list[int]) -> None:
     """The guest takes ``vector`` through its IDT: IF cleared (interrupt gate), the handler
-    is queued.  Emits the delivery event with every correlation id it satisfies."""
+    is queued.  Emits the delivery event with every correlation id it satisfies (``ids``:
+    those of the pending instance that was acknowledged)."""
     arch = vcpu.arch
     arch.rflags_if = False
-    ids = arch.irq_ids.pop(vector, [])
     bus = vcpu.kvm.rt.bus
     if bus.on:
         bus.emit("vkick_guest_irq", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, vector=vector,
@@ -97,7 +97,7 @@ def _virtual_interrupt_delivery(vcpu: Any) -> bool:
     arch.rvi = max(apic.irr.bit_length() - 1, 0)
     arch.svi = rvi
     apic.ppr = rvi & 0xF0
-    take_interrupt(vcpu, rvi)
+    take_interrupt(vcpu, rvi, arch.irq_ids.pop(rvi, []))
     return True
 
 
@@ -155,7 +155,9 @@ async def vmx_vcpu_run(vcpu: Any, pcpu: PhysicalCpu, immediate_exit: bool = Fals
     # VM entry: the VM-entry interruption field (software injection, spec §13.5).
     if arch.interrupt_injected:
         arch.interrupt_injected = False
-        take_interrupt(vcpu, arch.interrupt_nr)
+        ids = arch.injected_irq_ids
+        arch.injected_irq_ids = []
+        take_interrupt(vcpu, arch.interrupt_nr, ids)
         if immediate_exit:
             return (EXIT_PREEMPTION_TIMER, 0, 0)
     elif immediate_exit:

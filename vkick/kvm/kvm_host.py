@@ -224,6 +224,7 @@ class KvmVcpuArch:
     # vkick bookkeeping (no kernel counterpart): correlation ids of the signals pending per
     # vector, popped at delivery; and how the last posting went (for the event's `path`).
     irq_ids: dict[int, list[int]] = field(default_factory=dict)
+    injected_irq_ids: list[int] = field(default_factory=list)  # of interrupt_nr, taken at ack
     path_hint: str = ""
 
 

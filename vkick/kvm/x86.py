@@ -163,6 +163,9 @@ def inject_pending_event(vcpu: KvmVcpu) -> bool:
             vector = kvm_get_apic_interrupt(vcpu)
             arch.interrupt_injected = True  # kvm_queue_interrupt
             arch.interrupt_nr = vector
+            # The acknowledge consumed this pending instance: its sources go with it (a
+            # signal arriving from now on makes the vector pending anew).
+            arch.injected_irq_ids = arch.irq_ids.pop(vector, [])
             vmx_inject_irq(vcpu)
         if kvm_cpu_has_injectable_intr(vcpu):
             vmx_enable_irq_window(vcpu)

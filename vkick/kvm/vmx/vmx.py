@@ -158,9 +158,8 @@ def vmx_inject_irq(vcpu: KvmVcpu) -> None:
     vcpu.stat.irq_injections += 1
     bus = vcpu.kvm.rt.bus
     if bus.on:
-        nr = vcpu.arch.interrupt_nr
-        bus.emit("kvm_inj_virq", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, vector=nr,
-                 irq=vcpu.arch.irq_ids.get(nr, []))
+        bus.emit("kvm_inj_virq", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id,
+                 vector=vcpu.arch.interrupt_nr, irq=vcpu.arch.injected_irq_ids)
 
 
 def vmx_enable_irq_window(vcpu: KvmVcpu) -> None:

@@ -1,0 +1,92 @@
+"""The correctness oracle as a consumer of the event stream (spec §17; design.md §7).
+
+Checks, online or on a log:
+
+* §17.1 no lost interrupt: every source is delivered (``vkick_irq`` with
+  ``delivered: false`` is a violation) and within ``stall_ns`` of its signal;
+* §17.2 no spurious delivery: every ``vkick_guest_irq`` satisfies at least one source;
+* §17.15 nothing is injected through an irqfd after its ``KVM_IRQFD`` deassign returned.
+
+Each violation carries the causal trace: the records that named its correlation id (kept
+while the interrupt is in flight, at most ``TRACE_LEN`` of them, so memory stays bounded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from vkick.runtime.events import EventRecord
+
+TRACE_LEN: Final = 32
+
+
+@dataclass(slots=True)
+class Violation:
+    invariant: str
+    detail: str
+    irq: int = 0
+    trace: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"invariant": self.invariant, "detail": self.detail, "irq": self.irq,
+                "trace": self.trace}
+
+
+class InvariantChecker:
+    """A bus sink (or log consumer) collecting :class:`Violation` s."""
+
+    def __init__(self, stall_ns: int = 10_000_000) -> None:
+        self.stall_ns = stall_ns
+        self.violations: list[Violation] = []
+        self._trace: dict[int, list[dict[str, Any]]] = {}
+        self._deassigned: set[int] = set()
+
+    def __call__(self, rec: EventRecord) -> None:
+        ev = rec["ev"]
+        irq = rec.get("irq")
+        if isinstance(irq, int) and irq:
+            self._note(irq, rec)
+        elif isinstance(irq, list):
+            for i in irq:
+                self._note(i, rec)
+        if ev == "vkick_irq":
+            self._lifecycle(rec)
+        elif ev == "vkick_guest_irq" and not rec["irq"]:
+            self.violations.append(Violation(
+                "17.2 no spurious delivery",
+                f"{rec['vm']} vcpu {rec['vcpu']} took {rec['vector']:#x} at t={rec['t']} ns "
+                f"with no pending source", 0, [dict(rec)]))
+        elif ev == "irqfd_deassign":
+            self._deassigned.add(rec["gsi"])
+        elif ev == "irqfd_assign":
+            self._deassigned.discard(rec["gsi"])
+        elif ev == "irqfd_wakeup" and rec["gsi"] in self._deassigned and rec["r"] >= 0:
+            ids = rec["irq"] or [0]
+            self.violations.append(Violation(
+                "17.15 no delivery after deassign",
+                f"irqfd for GSI {rec['gsi']} injected at t={rec['t']} ns after its deassign",
+                ids[0], self._trace.get(ids[0], [dict(rec)])))
+
+    def _note(self, irq: int, rec: EventRecord) -> None:
+        trace = self._trace.get(irq)
+        if trace is None:
+            trace = self._trace[irq] = []
+        if len(trace) < TRACE_LEN:
+            trace.append(dict(rec))
+
+    def _lifecycle(self, rec: EventRecord) -> None:
+        irq = rec["irq"]
+        if not rec["delivered"]:
+            self.violations.append(Violation(
+                "17.1 no lost interrupt",
+                f"{rec['source']} at t={rec['t_signal']} ns was never delivered", irq,
+                self._trace.pop(irq, [])))
+            return
+        if rec["latency_ns"] > self.stall_ns:
+            self.violations.append(Violation(
+                "17.1 no lost interrupt (bound)",
+                f"{rec['source']} at t={rec['t_signal']} ns took {rec['latency_ns']} ns "
+                f"(bound {self.stall_ns} ns)", irq, list(self._trace.get(irq, []))))
+        if rec["first"]:
+            self._trace.pop(irq, None)
