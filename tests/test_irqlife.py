@@ -43,6 +43,7 @@ def test_irqlife_follows_sources_to_deliveries_and_reports_the_undelivered() -> 
     assert (summary["signalled"], summary["delivered"], summary["undelivered"]) == (3, 3, 1)
     assert summary["paths"] == {"irr_kick": 2, "wakeup": 1}
     assert summary["sources"] == {"msi": 1, "signal": 2}
+    assert set(summary["latency_ns_by_queue"]) == {"e"}  # per signalled (call) eventfd
     # The log stays in seq order: each vkick_irq comes right after its delivery.
     seqs = [r["seq"] for r in seen]
     assert seqs == sorted(seqs)

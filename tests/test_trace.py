@@ -27,7 +27,7 @@ def test_trace_of_a_known_run_is_valid_with_one_flow_per_satisfied_signal(
     names = {e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
     assert {"host", "vm0", "vcpu0", "vcpu1", "interrupt sources"} <= names
     slices = {e["name"] for e in trace["traceEvents"] if e["ph"] == "B"}
-    assert {"guest", "halted"} <= slices
+    assert {"guest", "host", "halted"} <= slices
 
 
 def test_validate_trace_rejects_broken_structure() -> None:

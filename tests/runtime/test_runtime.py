@@ -283,9 +283,9 @@ def test_runtime_realtime_mode_runs_on_a_real_loop_with_scaled_time() -> None:
 
     async def main() -> tuple[int, float]:
         t0, w0 = rt.now_ns(), time.monotonic()
-        await rt.sleep_ns(200_000)  # 2 ms of wall time
+        await rt.sleep_ns(2_000_000)  # 20 ms of wall time (uvloop timers: ~1 ms granularity)
         return rt.now_ns() - t0, time.monotonic() - w0
 
     emulated, wall = rt.run(main)
-    assert wall >= 0.0019
-    assert emulated >= 190_000
+    assert wall >= 0.018
+    assert emulated >= 1_800_000

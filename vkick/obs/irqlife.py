@@ -22,11 +22,12 @@ _SOURCES: Final = {"eventfd_signal": "signal", "kvm_msi_set_irq": "msi",
 
 
 class _Life:
-    __slots__ = ("accept", "coalesced", "deliveries", "kind", "path", "t_accept", "t_source",
-                 "vm")
+    __slots__ = ("accept", "coalesced", "deliveries", "kind", "origin", "path", "t_accept",
+                 "t_source", "vm")
 
-    def __init__(self, kind: str, t: int, vm: str) -> None:
+    def __init__(self, kind: str, origin: str, t: int, vm: str) -> None:
         self.kind = kind
+        self.origin = origin
         self.t_source = t
         self.vm = vm
         self.path = "unknown"
@@ -57,7 +58,10 @@ class IrqLife:
         elif ev in _SOURCES:
             irq = rec.get("irq")
             if irq and irq not in self.live:
-                self.live[irq] = _Life(_SOURCES[ev], rec["t"], rec.get("vm", ""))
+                kind = _SOURCES[ev]
+                origin = (rec["efd"] if kind == "signal" else
+                          f"ipi {rec['vm']}/{rec['vcpu']}" if kind == "ipi" else "msi")
+                self.live[irq] = _Life(kind, origin, rec["t"], rec.get("vm", ""))
 
     def _emit(self, irq: int, life: _Life, delivery: EventRecord) -> None:
         vcpu = delivery["vcpu"]
@@ -70,7 +74,8 @@ class IrqLife:
         if not life.accept:
             del self.live[irq]
         self.bus.emit("vkick_irq", irq=irq, vm=delivery["vm"], vcpu=vcpu,
-                      vector=delivery["vector"], source=life.kind, path=path,
+                      vector=delivery["vector"], source=life.kind, origin=life.origin,
+                      path=path,
                       coalesced=coalesced or len(delivery["irq"]) > 1, first=first,
                       delivered=True, t_signal=life.t_source, t_accept=t_accept,
                       t_deliver=delivery["t"], latency_ns=delivery["t"] - life.t_source)
@@ -81,7 +86,8 @@ class IrqLife:
             if life.deliveries:
                 continue
             self.bus.emit("vkick_irq", irq=irq, vm=life.vm, vcpu=-1, vector=-1,
-                          source=life.kind, path=life.path, coalesced=False, first=True,
+                          source=life.kind, origin=life.origin, path=life.path,
+                          coalesced=False, first=True,
                           delivered=False, t_signal=life.t_source, t_accept=-1,
                           t_deliver=-1, latency_ns=-1)
         self.live.clear()

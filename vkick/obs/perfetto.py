@@ -1,8 +1,9 @@
 """Chrome Trace Event / Perfetto JSON export of a run's events, and a strict validator.
 
 Layout: one process per VM with a track per vCPU ("guest" slices from ``kvm_entry`` to
-``kvm_exit``, "halted" slices from ``vkick_halt`` to ``kvm_vcpu_wakeup``, instants for
-deliveries); a "host" process with a track per physical CPU (IPIs as instants), per
+``kvm_exit``, "host" slices for the vCPU thread in KVM between them, "halted" slices from
+``vkick_halt`` to ``kvm_vcpu_wakeup``, short slices for deliveries); a "host" process
+with a track per physical CPU (IPIs as instants), per
 workqueue (``workqueue_execute_start``/``_end`` slices) and one for interrupt sources
 (eventfd signals, KVM_SIGNAL_MSI, guest IPIs).  A flow arrow (``s`` → ``f``, ``bp: e``)
 follows every interrupt from its source to the guest handler that took it; a flow id is
@@ -74,14 +75,19 @@ class _Builder:
         if ev in ("kvm_entry", "kvm_exit", "vkick_halt", "kvm_vcpu_wakeup", "vkick_guest_irq"):
             pid = self.pid(rec["vm"])
             tid = self.tid(pid, f"vcpu{rec['vcpu']}")
+            # guest → host (exit) → guest (entry) or → halted (HLT) → host (wakeup) → …
             if ev == "kvm_entry":
+                self.end(pid, tid, "host", ts)
                 self.begin(pid, tid, "guest", ts, pcpu=rec["pcpu"])
             elif ev == "kvm_exit":
                 self.end(pid, tid, "guest", ts, reason=rec["reason"])
+                self.begin(pid, tid, "host", ts)
             elif ev == "vkick_halt":
+                self.end(pid, tid, "host", ts)
                 self.begin(pid, tid, "halted", ts)
             elif ev == "kvm_vcpu_wakeup":
                 self.end(pid, tid, "halted", ts, waited=rec["waited"])
+                self.begin(pid, tid, "host", ts)
             else:
                 self.delivery(pid, tid, ts, rec)
         elif ev in ("workqueue_execute_start", "workqueue_execute_end"):

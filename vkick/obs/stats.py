@@ -57,6 +57,7 @@ class RunStats:
         self.latency = _histogram()
         self.latency_by_path: dict[str, HdrHistogram] = {}
         self.latency_by_vcpu: dict[str, HdrHistogram] = {}
+        self.latency_by_queue: dict[str, HdrHistogram] = {}  # by signalled eventfd
 
     def __call__(self, rec: EventRecord) -> None:
         ev = rec["ev"]
@@ -75,6 +76,8 @@ class RunStats:
             self.latency.record_value(lat)
             _record(self.latency_by_path, path, lat)
             _record(self.latency_by_vcpu, f"{rec['vm']}/{rec['vcpu']}", lat)
+            if rec["source"] == "signal":
+                _record(self.latency_by_queue, rec["origin"], lat)
         elif ev == "vkick_guest_irq":
             self.delivered += 1
             self.per_vcpu[f"{rec['vm']}/{rec['vcpu']}"] += 1
@@ -102,8 +105,12 @@ class RunStats:
                              "latency_ns": _latency_json(self.latency_by_vcpu.get(k))}
                          for k, n in sorted(self.per_vcpu.items())},
             "latency_ns": _latency_json(self.latency),
+            "coalescing_ratio": round(self.coalesced / self.signalled, 6)
+                                if self.signalled else 0.0,
             "latency_ns_by_path": {k: _latency_json(h)
                                    for k, h in sorted(self.latency_by_path.items())},
+            "latency_ns_by_queue": {k: _latency_json(h)
+                                    for k, h in sorted(self.latency_by_queue.items())},
             "rate": [{"t_ns": b * RATE_BUCKET_NS, "delivered": n}
                      for b, n in sorted(self.rate.items())],
         }

@@ -102,6 +102,8 @@ EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in (
         IRQ, VM, ("vcpu", "int", "destination vCPU (-1: never delivered)"),
         ("vector", "int", "vector taken (-1: never delivered)"),
         ("source", "str", "signal | msi | ipi"),
+        ("origin", "str", "the signalled eventfd (a vhost queue's call eventfd), \"msi\", "
+                          "or \"ipi VM/vCPU\""),
         ("path", "str", "posted | posted_kick | wakeup | irr_kick | wq | coalesced | unknown"),
         ("coalesced", "bool", "satisfied by a delivery shared with other sources"),
         ("first", "bool", "the first record of this source (count sources with it)"),
