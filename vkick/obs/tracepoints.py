@@ -43,6 +43,12 @@ IRQ = ("irq", "int", "interrupt correlation id (0 = none)")
 IRQS = ("irq", "list[int]", "correlation ids of every signal this step satisfies")
 
 EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in (
+    _ev("vhost_signal", "info", "drivers/vhost/vhost.c vhost_signal (signalled false: "
+        "suppressed by event idx / VRING_AVAIL_F_NO_INTERRUPT)", VM,
+        ("dev", "str", "vhost device"), ("vq", "str", "virtqueue"), IRQ,
+        ("signalled", "bool", "the call eventfd was signalled")),
+    _ev("vhost_handle_kick", "debug", "a vhost-net handler round", ("dev", "str", "device"),
+        ("vq", "str", "virtqueue"), ("pkts", "int", "packets"), ("bytes", "int", "bytes")),
     _ev("eventfd_signal", "debug", "fs/eventfd.c eventfd_signal added n to the counter",
         ("efd", "str", "eventfd name"), ("n", "int", "amount added (capped)"),
         ("count", "int", "counter after the add"), IRQ),

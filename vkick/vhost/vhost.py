@@ -39,6 +39,8 @@ class VhostVirtqueue:
     signalled_used_valid: bool = False
     call_ctx: EventfdCtx | None = None  # VHOST_SET_VRING_CALL: the irqfd's eventfd
     name: str = "vq0"
+    vm: str = "vm0"
+    dev: str = "net0"
     stats: dict[str, int] = field(default_factory=lambda: {"signalled": 0, "suppressed": 0})
 
     def has_feature(self, bit: int) -> bool:
@@ -108,14 +110,21 @@ def vhost_signal(vq: VhostVirtqueue, rt: Any = None) -> bool:
     Returns whether it signalled.
     """
     ctx = vq.call_ctx
+    runtime = rt if rt is not None else (ctx.rt if ctx is not None else None)
     if ctx is None or not vhost_notify(vq):
         vq.stats["suppressed"] += 1
+        if runtime is not None and runtime.bus.on:
+            runtime.bus.emit("vhost_signal", vm=vq.vm, dev=vq.dev, vq=vq.name, irq=0,
+                             signalled=False)
         return False
     vq.stats["signalled"] += 1
-    runtime = rt if rt is not None else ctx.rt
+    assert runtime is not None
     saved = runtime.cur_irq
-    runtime.cur_irq = runtime.next_irq_id()
+    runtime.cur_irq = irq = runtime.next_irq_id()
     try:
+        if runtime.bus.on:
+            runtime.bus.emit("vhost_signal", vm=vq.vm, dev=vq.dev, vq=vq.name, irq=irq,
+                             signalled=True)
         eventfd_signal(ctx, 1)
     finally:
         runtime.cur_irq = saved
