@@ -43,6 +43,23 @@ class GuestModel(Protocol):
     def on_interrupt(self, vcpu: Any, vector: int) -> None: ...
 
 
+def merge_pir_ids(arch: Any, taken: int) -> None:
+    """Correlation ids follow the PIR bits ``taken`` into IRR (vkick bookkeeping): a posted
+    vector joins the IRR instance, coalescing with one already pending there."""
+    pir_ids = arch.pir_ids
+    if not pir_ids:
+        return
+    irq_ids = arch.irq_ids
+    for vector in list(pir_ids):
+        if taken >> vector & 1:
+            moved = pir_ids.pop(vector)
+            ids = irq_ids.get(vector)
+            if ids is None:
+                irq_ids[vector] = moved
+            else:
+                ids.extend(moved)
+
+
 def posted_interrupt_processing(vcpu: Any, pcpu: PhysicalCpu) -> None:
     """SDM: posted-interrupt processing (spec §13.2): clear ON, OR PIR into VIRR and clear
     it, RVI := max(RVI, highest PIR vector).  No VM exit."""
@@ -53,6 +70,7 @@ def posted_interrupt_processing(vcpu: Any, pcpu: PhysicalCpu) -> None:
     pi.pir = 0
     if pir:
         apic.irr |= pir
+        merge_pir_ids(vcpu.arch, pir)
         vcpu.arch.rvi = max(vcpu.arch.rvi, pir.bit_length() - 1)
     vcpu.stat.pi_notifications += 0
     bus = vcpu.kvm.rt.bus

@@ -225,6 +225,7 @@ class KvmVcpuArch:
     # vector, popped at delivery; and how the last posting went (for the event's `path`).
     irq_ids: dict[int, list[int]] = field(default_factory=dict)
     injected_irq_ids: list[int] = field(default_factory=list)  # of interrupt_nr, taken at ack
+    pir_ids: dict[int, list[int]] = field(default_factory=dict)  # posted, not yet in IRR
     path_hint: str = ""
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from vkick.hw.apicv import merge_pir_ids
 from vkick.kvm.kvm_host import (
     APIC_BASE_MSR,
     APIC_DEST_MASK,
@@ -207,6 +208,7 @@ def __kvm_apic_update_irr(pir: list[int], apic: KvmLapic) -> tuple[bool, int]:
     pir[0] = 0
     new_bits = taken & ~apic.irr
     apic.irr |= taken
+    merge_pir_ids(apic.vcpu.arch, taken)
     max_irr = apic.irr.bit_length() - 1
     max_updated_irr = new_bits.bit_length() - 1
     return (max_updated_irr != -1 and max_updated_irr == max_irr), max_irr
@@ -404,15 +406,18 @@ def __apic_accept_irq(  # noqa: PLR0917  (the kernel's signature)
             apic.tmr |= bit
         elif apic.tmr & bit:
             apic.tmr &= ~bit
+        posted = vmx_deliver_posted_interrupt(vcpu, vector) == 0
         if rt.cur_irq:
-            ids = vcpu.arch.irq_ids.get(vector)
+            # Correlation ids follow the pending instance: in PIR until merged into IRR.
+            table = vcpu.arch.pir_ids if posted else vcpu.arch.irq_ids
+            ids = table.get(vector)
             if ids is None:
-                ids = vcpu.arch.irq_ids[vector] = []
+                ids = table[vector] = []
             ids.append(rt.cur_irq)
             if rt.cur_merged:
                 ids.extend(rt.cur_merged)
         path = vcpu.arch.path_hint
-        if vmx_deliver_posted_interrupt(vcpu, vector) != 0:
+        if not posted:
             coalesced = bool(apic.irr & bit)
             kvm_lapic_set_irr(vector, apic)
             kvm_make_request(KVM_REQ_EVENT, vcpu)
