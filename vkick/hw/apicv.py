@@ -72,7 +72,6 @@ def posted_interrupt_processing(vcpu: Any, pcpu: PhysicalCpu) -> None:
         apic.irr |= pir
         merge_pir_ids(vcpu.arch, pir)
         vcpu.arch.rvi = max(vcpu.arch.rvi, pir.bit_length() - 1)
-    vcpu.stat.pi_notifications += 0
     bus = vcpu.kvm.rt.bus
     if bus.on:
         bus.emit("vkick_pi_notification", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, pcpu=pcpu.id,

@@ -465,6 +465,7 @@ def __apic_accept_irq(  # noqa: PLR0917  (the kernel's signature)
         _emit_warn(vcpu, "ExtINT delivery is handled by the PIC path, which vkick does not "
                          "model: the interrupt is refused (0)")
         return 0
+    # The kernel's own message for this case (printk KERN_ERR in __apic_accept_irq).
     _emit_warn(vcpu, f"TODO: unsupported delivery mode {delivery_mode:#x}")
     return 0
 

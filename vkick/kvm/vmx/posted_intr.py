@@ -82,10 +82,11 @@ def vmx_vcpu_pi_put(vcpu: KvmVcpu) -> None:
 def pi_pre_block(vcpu: KvmVcpu) -> int:
     """arch/x86/kvm/vmx/posted_intr.c: pi_pre_block → 1 "do not block", 0 "block".
 
-    Without (assigned device ∧ IOMMU posting ∧ APICv) there is nothing to switch: 0.
+    Without (assigned device ∧ IOMMU posting ∧ APICv) there is nothing to switch: 0 — the
+    kernel's first step, and the only one a vhost-only VM ever takes.
+    Differs from the kernel: VT-d posting (the wakeup-vector switch, the per-CPU blocked
+    list) is not modelled, so this always returns 0.
     """
-    if not getattr(vcpu.kvm, "assigned_device", False) or not vcpu.arch.apicv_active:
-        return 0
     return 0
 
 
