@@ -4,7 +4,8 @@ The loop's clock is a :class:`~vkick.runtime.clock.VirtualClock`.  When no callb
 the loop does not sleep: its selector jumps the clock to the earliest timer.  When there is
 neither a ready callback nor a timer, every task is blocked; the loop then runs its idle
 hooks (quiescence waiters, the deadlock detector) and, if there are none, raises
-:class:`LoopIdleError` rather than waiting forever.
+:class:`LoopIdleError` rather than waiting forever.  Watchdogs are timers that do not count
+as work: "quiescent, or at the latest at T" (a drain with a bound).
 
 Ordering is deterministic: ready callbacks run FIFO, timers pop in (when, heap order) and the
 heap is fed in a deterministic order, so one seed gives one schedule.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import selectors
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -81,6 +83,8 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
         selector.loop = self
         self.clock = VirtualClock()
         self._idle_hooks: list[Callable[[], None]] = []
+        self._watchdogs: list[tuple[int, int, Callable[[], None]]] = []  # (when_ns, seq, cb)
+        self._watchdog_seq = 0
         self._clock_resolution = 1e-9
         self.deadlock_handler: Callable[[], None] | None = None
 
@@ -103,14 +107,44 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
         with contextlib.suppress(ValueError):
             self._idle_hooks.remove(hook)
 
+    def add_watchdog(self, when_ns: int, callback: Callable[[], None]) -> int:
+        """Call ``callback`` at ``when_ns`` unless cancelled first — a timer that does not
+        count as pending work: quiescence (the idle hooks) is reached with watchdogs armed.
+        Returns a token for :meth:`cancel_watchdog`."""
+        self._watchdog_seq += 1
+        heapq.heappush(self._watchdogs, (when_ns, self._watchdog_seq, callback))
+        return self._watchdog_seq
+
+    def cancel_watchdog(self, token: int) -> None:
+        self._watchdogs = [w for w in self._watchdogs if w[1] != token]
+        heapq.heapify(self._watchdogs)
+
+    def _fire_watchdog(self) -> None:
+        when_ns, _, callback = heapq.heappop(self._watchdogs)
+        self.clock.ns = max(self.clock.ns, when_ns)
+        self.call_soon(callback)
+
     def _advance_to_next_timer(self) -> None:
         scheduled = self._scheduled  # type: ignore[attr-defined]  # BaseEventLoop internals
+        if self._watchdogs and (not scheduled or
+                                self._watchdogs[0][0] / NS_PER_S <= scheduled[0]._when):
+            self._fire_watchdog()
+            return
         if scheduled and scheduled[0]._when != float("inf"):
-            when_ns = round(scheduled[0]._when * NS_PER_S)
+            when = scheduled[0]._when
+            when_ns = round(when * NS_PER_S)
+            if when_ns / NS_PER_S < when:
+                # A deadline computed in float seconds (anyio's move_on_after: now + delay)
+                # may lie an ulp above every whole ns: round up, or a callback that checks
+                # ``loop.time() >= deadline`` re-arms itself forever at the same instant.
+                when_ns += 1
             self.clock.ns = max(self.clock.ns, when_ns)
 
     def _went_idle(self) -> None:
         hooks = self._idle_hooks
+        if not hooks and self._watchdogs:
+            self._fire_watchdog()
+            return
         if not hooks:
             if self.deadlock_handler is None:
                 raise LoopIdleError("every task is blocked and no timer is pending")

@@ -226,6 +226,13 @@ class Runtime:
             raise self._failure
         return task.result()
 
+    def interrupt(self) -> None:
+        """Cancel the current :meth:`call` from another thread (an embedding caller that
+        was cancelled while the emulation ran); the call then raises CancelledError."""
+        task = getattr(self, "_main_task", None)
+        if task is not None and not task.done() and not self._closed:
+            self.loop.call_soon_threadsafe(task.cancel)
+
     def run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         """``start``, ``call``, ``close``: one whole run."""
         try:
@@ -233,13 +240,31 @@ class Runtime:
         finally:
             self.close()
 
-    async def wait_quiescent(self) -> None:
-        """Return once every other task is blocked and no timer is pending (virtual time)."""
+    async def wait_quiescent(self, timeout_ns: int | None = None) -> bool:
+        """Return once every other task is blocked and no timer is pending (virtual time):
+        True; or False after ``timeout_ns`` of emulated time without quiescence."""
         if self.realtime:
             raise RuntimeError("quiescence is only defined in virtual time")
-        fut: asyncio.Future[None] = self.loop.create_future()
-        self.loop.add_idle_hook(lambda: _set_done(fut))  # type: ignore[attr-defined]
-        await fut
+        loop: VirtualEventLoop = self.loop  # type: ignore[assignment]
+        fut: asyncio.Future[bool] = loop.create_future()
+
+        def quiescent() -> None:
+            if not fut.done():
+                fut.set_result(True)
+
+        def timed_out() -> None:
+            if not fut.done():
+                fut.set_result(False)
+
+        loop.add_idle_hook(quiescent)
+        token = (loop.add_watchdog(self.now_ns() + timeout_ns, timed_out)
+                 if timeout_ns is not None else 0)
+        try:
+            return await fut
+        finally:
+            loop.remove_idle_hook(quiescent)
+            if token:
+                loop.cancel_watchdog(token)
 
     def _on_deadlock(self) -> None:
         lines = []
