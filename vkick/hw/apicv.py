@@ -39,6 +39,8 @@ class GuestModel(Protocol):
     actions: deque[tuple[Any, ...]]
     idle_halted: bool
     poke: Any
+    charged_ns: int  # CPU time a "call" action's code used; spent right after it
+    pending_io: list[tuple[Any, ...]]  # device writes a "call" made; executed after that time
 
     def on_interrupt(self, vcpu: Any, vector: int) -> None: ...
 
@@ -211,8 +213,11 @@ async def vmx_vcpu_run(vcpu: Any, pcpu: PhysicalCpu, immediate_exit: bool = Fals
             deadline = action[1]
             if vcpu.kvm.rt.now_ns() < deadline:
                 await _guest_wait(vcpu, pcpu, deadline)
-                if vcpu.kvm.rt.now_ns() < deadline:
-                    actions.appendleft(action)  # interrupted: resume the same work later
+                now = vcpu.kvm.rt.now_ns()
+                if now < deadline:
+                    # Interrupted: the rest of the work resumes after whatever interrupted
+                    # it (an interrupt handler's time is not taken out of it).
+                    actions.appendleft(("work", deadline - now))
         elif op == "cli":
             arch.rflags_if = False
         elif op == "sti":
@@ -244,5 +249,13 @@ async def vmx_vcpu_run(vcpu: Any, pcpu: PhysicalCpu, immediate_exit: bool = Fals
             return (EXIT_IO_INSTRUCTION, action[1], action[2])
         elif op == "call":
             action[1](vcpu)
+            pending_io = guest.pending_io
+            if pending_io:  # doorbell writes the driver code made (GuestCpu.io_write)
+                actions.extendleft(reversed(pending_io))
+                pending_io.clear()
+            charged = guest.charged_ns
+            if charged:  # CPU time the driver code used (GuestCpu.charge), spent first
+                guest.charged_ns = 0
+                actions.appendleft(("work", charged))
         else:
             raise ValueError(f"unknown guest action {action!r}")

@@ -284,3 +284,4 @@ class Kvm:
     toggles: frozenset[str] = frozenset()  # bug re-creation / fix switches (research/bugs.md)
     host: Any = None  # hw host (pCPUs, scheduler), set by the builder
     io_bus: Any = None  # callable(vcpu, addr, value): the MMIO/PIO bus (ioeventfds)
+    io_bus_devs: list[Any] = field(default_factory=list)  # kvm->buses: sorted by address

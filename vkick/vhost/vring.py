@@ -1,14 +1,14 @@
 """include/uapi/linux/virtio_ring.h: the split virtqueue as it sits in guest memory.
 
-Indices are free-running 16-bit counters (``idx & 0xffff``); ring slots are ``idx % num``.
+Indices are free-running 16-bit counters (``idx & 0xffff``); ring slots are ``idx & (num - 1)``.
 ``used_event`` is the u16 after the avail ring (``avail->ring[num]``), ``avail_event`` the
-u16 after the used ring (``used->ring[num]``).  Buffers are modelled by their lengths.
+u16 after the used ring (``used->ring[num]``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 VRING_DESC_F_NEXT: Final = 1
 VRING_DESC_F_WRITE: Final = 2
@@ -30,8 +30,10 @@ def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
 
 @dataclass(slots=True)
 class VringDesc:
-    """struct vring_desc (addr is not modelled: a buffer is its length)."""
+    """struct vring_desc.  ``addr`` stands for the buffer's content in guest memory: the
+    packet a TX buffer holds, or what the device wrote into an RX buffer."""
 
+    addr: Any = None
     len: int = 0
     flags: int = 0
     next: int = 0

@@ -1,20 +1,23 @@
-"""drivers/vhost/vhost.c (worker half): vhost_poll on the kick eventfd, the work list and the
-vhost kthread.
+"""drivers/vhost/vhost.c (worker half): vhost_poll on a file's wait queue, the work list and
+the vhost kthread.
 
-Covered: vhost_poll_init, vhost_poll_wakeup, vhost_poll_start, vhost_work_queue,
-vhost_worker.  The kick eventfd's wake-up runs ``vhost_poll_wakeup`` synchronously in the
-signaller (the vCPU's ``ioeventfd_write``); it only queues work, the worker task does it.
+Covered: vhost_poll_init, vhost_poll_wakeup, vhost_poll_start, vhost_poll_stop,
+vhost_poll_queue, vhost_work_queue, vhost_worker, vhost_dev_set_owner (the worker's start),
+vhost_dev_stop.  A poll's wake-up runs ``vhost_poll_wakeup`` synchronously in the waker (the
+vCPU's ``ioeventfd_write`` for a kick eventfd, the tap for a socket); it only queues work,
+the worker task does it.  Files are polled through :func:`vfs_poll`.
 """
 
 from __future__ import annotations
 
+import errno
 import inspect
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, Protocol
 
-from vkick.kernel.eventfd import EventfdCtx, eventfd_poll
+from vkick.kernel.eventfd import EventfdCtx, PollQueueProc, eventfd_poll
 from vkick.kernel.sched import (
     TASK_INTERRUPTIBLE,
     TASK_RUNNING,
@@ -23,8 +26,32 @@ from vkick.kernel.sched import (
     set_current_state,
     wake_up_process,
 )
-from vkick.kernel.wait import EPOLLIN, WaitQueueEntry, WaitQueueHead, add_wait_queue
+from vkick.kernel.wait import (
+    EPOLLERR,
+    EPOLLIN,
+    WaitQueueEntry,
+    WaitQueueHead,
+    add_wait_queue,
+    remove_wait_queue,
+)
 from vkick.runtime.tasks import Runtime
+
+VHOST_NET_WEIGHT: Final = 0x80000  # bytes per handler round (drivers/vhost/net.c)
+VHOST_NET_PKT_WEIGHT: Final = 256  # packets per handler round
+
+
+class PollFile(Protocol):
+    """A file with a ``poll`` file operation (``f_op->poll``): the tap socket."""
+
+    def f_op_poll(self, queue_proc: PollQueueProc | None) -> int: ...
+
+
+def vfs_poll(file: EventfdCtx | PollFile, queue_proc: PollQueueProc | None) -> int:
+    """include/linux/poll.h: vfs_poll — call the file's poll: join its wait queue through
+    ``queue_proc`` (poll_wait) and return the ready mask."""
+    if isinstance(file, EventfdCtx):
+        return eventfd_poll(file, queue_proc)
+    return file.f_op_poll(queue_proc)
 
 
 @dataclass(slots=True, eq=False)
@@ -38,17 +65,26 @@ class VhostWork:
 
 @dataclass(slots=True, eq=False)
 class VhostDev:
-    """drivers/vhost/vhost.h: struct vhost_dev (one worker, a work list)."""
+    """drivers/vhost/vhost.h: struct vhost_dev (one worker, a work list, the weights).
+
+    ``toggles``: the owning VM's bug toggles that concern vhost (test-only ones included).
+    """
 
     rt: Runtime
     name: str
     worker: TaskStruct | None = None
     work_list: deque[VhostWork] = field(default_factory=deque)
+    weight: int = VHOST_NET_PKT_WEIGHT
+    byte_weight: int = VHOST_NET_WEIGHT
+    toggles: frozenset[str] = frozenset()
+
+    def __repr__(self) -> str:
+        return f"<vhost_dev {self.name} queued={len(self.work_list)} worker={self.worker}>"
 
 
 @dataclass(slots=True, eq=False)
 class VhostPoll:
-    """drivers/vhost/vhost.h: struct vhost_poll — a wait entry on the kick eventfd."""
+    """drivers/vhost/vhost.h: struct vhost_poll — a wait entry on a polled file."""
 
     dev: VhostDev
     work: VhostWork
@@ -58,7 +94,7 @@ class VhostPoll:
 
 
 def vhost_poll_wakeup(wait: WaitQueueEntry, mode: int, sync: int, key: int) -> int:
-    """drivers/vhost/vhost.c: vhost_poll_wakeup  [atomic: the eventfd's wqh.lock held]
+    """drivers/vhost/vhost.c: vhost_poll_wakeup  [atomic: the file's wqh.lock held]
 
     Queue the poll's work if the wake key matches; always 0: never an exclusive consumer.
     """
@@ -68,25 +104,45 @@ def vhost_poll_wakeup(wait: WaitQueueEntry, mode: int, sync: int, key: int) -> i
     return 0
 
 
-def vhost_poll_init(dev: VhostDev, fn: Callable[[VhostWork], Any], owner: Any) -> VhostPoll:
+def vhost_poll_init(dev: VhostDev, fn: Callable[[VhostWork], Any], owner: Any,
+                    mask: int = EPOLLIN) -> VhostPoll:
     """drivers/vhost/vhost.c: vhost_poll_init."""
     wait = WaitQueueEntry(vhost_poll_wakeup)
-    poll = VhostPoll(dev, VhostWork(fn, owner=owner), wait)
+    poll = VhostPoll(dev, VhostWork(fn, owner=owner), wait, mask)
     wait.private = poll
     return poll
 
 
-def vhost_poll_start(poll: VhostPoll, ctx: EventfdCtx) -> None:
+def vhost_poll_start(poll: VhostPoll, file: EventfdCtx | PollFile) -> int:
     """drivers/vhost/vhost.c: vhost_poll_start — add the entry (plain add_wait_queue, after
-    any priority entries), then poll: an already signalled eventfd queues the work now."""
+    any priority entries), then act on what the poll reports: a file already readable
+    queues the work now.  0, or -EINVAL when the file reports an error."""
+    if poll.wqh is not None:
+        return 0
 
     def queue_proc(wqh: WaitQueueHead) -> None:
         poll.wqh = wqh
         add_wait_queue(wqh, poll.wait)
 
-    mask = eventfd_poll(ctx, queue_proc)
-    if mask & poll.mask:
-        vhost_work_queue(poll.dev, poll.work)
+    mask = vfs_poll(file, queue_proc)
+    if mask:
+        vhost_poll_wakeup(poll.wait, 0, 0, mask)
+    if mask & EPOLLERR:
+        vhost_poll_stop(poll)
+        return -errno.EINVAL
+    return 0
+
+
+def vhost_poll_stop(poll: VhostPoll) -> None:
+    """drivers/vhost/vhost.c: vhost_poll_stop — leave the file's wait queue."""
+    if poll.wqh is not None:
+        remove_wait_queue(poll.wqh, poll.wait)
+        poll.wqh = None
+
+
+def vhost_poll_queue(poll: VhostPoll) -> None:
+    """drivers/vhost/vhost.c: vhost_poll_queue — queue the poll's work directly."""
+    vhost_work_queue(poll.dev, poll.work)
 
 
 def vhost_work_queue(dev: VhostDev, work: VhostWork) -> None:
@@ -123,6 +179,7 @@ async def vhost_worker(dev: VhostDev) -> None:
 
 
 def vhost_dev_start(dev: VhostDev) -> None:
-    """Create and start the device's worker task (vhost_dev_set_owner)."""
+    """drivers/vhost/vhost.c: vhost_dev_set_owner — create and start the device's worker
+    kthread (``vhost-<owner pid>``; here ``vhost-<device>``)."""
     dev.worker = TaskStruct(dev.rt, f"vhost-{dev.name}")
     dev.rt.spawn(dev.worker.comm, vhost_worker, dev)

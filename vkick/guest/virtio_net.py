@@ -1,0 +1,418 @@
+"""drivers/net/virtio_net.c (v5.13): the guest's virtio-net driver — RX refill and NAPI
+receive, TX with napi_tx completion handling, per-queue MSI-X interrupts.
+
+One queue pair per vhost-net device queue; the RX and TX virtqueues of pair ``i`` have their
+own MSI-X vectors, both affine to one vCPU (virtnet_set_affinity), whose NAPI instances live
+on that vCPU's softnet data, and whose transmitting application runs there too (XPS).  CPU
+time is charged to that vCPU (``GuestCpu.charge``) from the costs in :class:`VirtnetCosts`.
+
+v5.13 is the 5.12.9 form of the TX path (checked against the v5.13-era hinlin tree):
+``start_xmit`` frees old buffers and, with napi_tx, re-enables the TX callback *delayed*;
+``virtnet_poll_tx`` frees and then ``virtqueue_napi_complete``s; the 5.14 "disable cb
+aggressively" loop is not there.  Mergeable RX buffers of ``rx_buf_len`` bytes; a packet
+longer than one buffer takes ``num_buffers`` of them.  Left out: XDP, GSO, the control vq,
+the refill delayed work (buffers never run out: no OOM), big/small buffer modes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from vkick.guest.napi import (
+    NapiStruct,
+    SoftnetData,
+    __napi_schedule,
+    local_bh_enable,
+    napi_complete_done,
+    napi_enable,
+    napi_schedule_prep,
+)
+from vkick.guest.virtio_ring import (
+    VringVirtqueue,
+    virtqueue_add_inbuf,
+    virtqueue_add_outbuf,
+    virtqueue_disable_cb,
+    virtqueue_enable_cb_delayed,
+    virtqueue_enable_cb_prepare,
+    virtqueue_get_buf,
+    virtqueue_kick_prepare,
+    virtqueue_notify,
+    virtqueue_poll,
+    vring_interrupt,
+)
+from vkick.kernel.skbuff import SkBuff
+
+MAX_SKB_FRAGS: Final = 17  # 65536 / PAGE_SIZE + 1
+TX_QUEUE_LEN: Final = 1000  # the qdisc limit (dev->tx_queue_len)
+VNET_HDR_LEN: Final = 12  # struct virtio_net_hdr_mrg_rxbuf
+NET_XMIT_SUCCESS: Final = 0
+NET_XMIT_DROP: Final = 1
+
+
+@dataclass(slots=True)
+class VirtnetCosts:
+    """Guest CPU time, in emulated ns, of the driver's work (vkick-only)."""
+
+    napi_poll_ns: int = 300  # fixed cost of one NAPI poll
+    rx_packet_ns: int = 400  # receive one packet (driver + stack)
+    tx_packet_ns: int = 600  # start_xmit one packet
+    tx_reclaim_ns: int = 50  # free one transmitted buffer
+    refill_ns: int = 50  # add one receive buffer
+
+
+@dataclass(slots=True, eq=False)
+class ReceiveQueue:
+    """drivers/net/virtio_net.c: struct receive_queue."""
+
+    vq: VringVirtqueue
+    napi: NapiStruct
+    index: int
+    guest: Any  # the GuestCpu of the vCPU this queue is affine to
+    vi: VirtnetInfo
+    packets: int = 0
+    bytes: int = 0
+    kicks: int = 0
+    polls: int = 0
+    buf_seq: int = 0  # receive buffer tokens
+
+
+@dataclass(slots=True, eq=False)
+class SendQueue:
+    """drivers/net/virtio_net.c: struct send_queue (+ its netdev TX queue's stopped state
+    and the qdisc backlog in front of it)."""
+
+    vq: VringVirtqueue
+    napi: NapiStruct
+    index: int
+    guest: Any
+    vi: VirtnetInfo
+    stopped: bool = False  # __QUEUE_STATE_DRV_XOFF
+    backlog: deque[SkBuff] = field(default_factory=deque)  # the qdisc (pfifo_fast)
+    packets: int = 0  # completed (freed) transmissions
+    bytes: int = 0
+    kicks: int = 0
+    sent: int = 0  # handed to the ring
+    dropped: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class VirtnetInfo:
+    """drivers/net/virtio_net.c: struct virtnet_info.
+
+    ``on_receive(rq, skb)`` is the guest stack above the driver (napi_gro_receive → the
+    application); ``on_complete(sq, skb)`` sees each freed TX packet.
+    """
+
+    name: str
+    vm: str
+    costs: VirtnetCosts
+    rx_buf_len: int = 1536
+    napi_tx: bool = True
+    napi_weight: int = 64  # napi_weight module parameter (NAPI_POLL_WEIGHT)
+    rq: list[ReceiveQueue] = field(default_factory=list)
+    sq: list[SendQueue] = field(default_factory=list)
+    on_receive: Callable[[ReceiveQueue, SkBuff], None] | None = None
+    on_complete: Callable[[SendQueue, SkBuff], None] | None = None
+    bus: Any = None  # the run's event bus
+
+
+# ------------------------------------------------------------------------ NAPI glue
+
+
+def virtqueue_napi_schedule(napi: NapiStruct, vq: VringVirtqueue) -> None:
+    """drivers/net/virtio_net.c: virtqueue_napi_schedule — mask the vq, schedule NAPI."""
+    if napi_schedule_prep(napi):
+        virtqueue_disable_cb(vq)
+        __napi_schedule(napi)
+
+
+def virtqueue_napi_complete(napi: NapiStruct, vq: VringVirtqueue, processed: int) -> None:
+    """drivers/net/virtio_net.c: virtqueue_napi_complete — re-enable the vq's interrupt,
+    complete NAPI, and poll again if the device used more meanwhile (spec §16.9: the
+    prepare writes ``used_event``, virtqueue_poll's full barrier precedes the re-read)."""
+    opaque = virtqueue_enable_cb_prepare(vq)
+    if napi_complete_done(napi, processed):
+        if virtqueue_poll(vq, opaque):
+            virtqueue_napi_schedule(napi, vq)
+    else:
+        virtqueue_disable_cb(vq)
+
+
+def skb_recv_done(rvq: VringVirtqueue) -> None:
+    """drivers/net/virtio_net.c: skb_recv_done — the RX vq's callback  [guest hardirq]"""
+    rq: ReceiveQueue = rvq.owner
+    virtqueue_napi_schedule(rq.napi, rvq)
+
+
+def skb_xmit_done(vq: VringVirtqueue) -> None:
+    """drivers/net/virtio_net.c: skb_xmit_done — the TX vq's callback  [guest hardirq]
+
+    Suppress further TX interrupts; with napi_tx schedule the TX NAPI, else wake the queue.
+    """
+    sq: SendQueue = vq.owner
+    virtqueue_disable_cb(vq)
+    if sq.napi.weight:
+        virtqueue_napi_schedule(sq.napi, vq)
+    else:
+        netif_tx_wake_queue(sq)
+
+
+# ------------------------------------------------------------------------ receive
+
+
+def add_recvbuf_mergeable(vi: VirtnetInfo, rq: ReceiveQueue) -> int:
+    """drivers/net/virtio_net.c: add_recvbuf_mergeable — post one receive buffer."""
+    rq.buf_seq += 1
+    err = virtqueue_add_inbuf(rq.vq, rq.buf_seq, vi.rx_buf_len)
+    if not err:
+        rq.guest.charge(vi.costs.refill_ns)
+    return err
+
+
+def try_fill_recv(vi: VirtnetInfo, rq: ReceiveQueue) -> bool:
+    """drivers/net/virtio_net.c: try_fill_recv — fill the RX ring, then kick if the device
+    asked for it.  True (no OOM in this model)."""
+    while True:
+        if add_recvbuf_mergeable(vi, rq):
+            break
+        if not rq.vq.num_free:
+            break
+    if virtqueue_kick_prepare(rq.vq) and virtqueue_notify(rq.vq):
+        rq.kicks += 1
+    return True
+
+
+def receive_buf(vi: VirtnetInfo, rq: ReceiveQueue, data: Any, length: int) -> None:
+    """drivers/net/virtio_net.c: receive_buf → receive_mergeable → napi_gro_receive.
+
+    The device wrote the packet into the first buffer (``desc.addr``) with num_buffers; the
+    rest of its buffers are taken here too.
+    """
+    skb, num_buffers = data
+    for _ in range(num_buffers - 1):
+        if virtqueue_get_buf(rq.vq) is None:
+            break
+    rq.packets += 1
+    rq.bytes += skb.len
+    rq.guest.charge(vi.costs.rx_packet_ns)
+    if vi.on_receive is not None:
+        vi.on_receive(rq, skb)
+
+
+def virtnet_receive(rq: ReceiveQueue, budget: int) -> int:
+    """drivers/net/virtio_net.c: virtnet_receive → packets received (≤ budget).
+
+    Take used buffers until the budget; refill once more than half the ring is free.
+    """
+    vi = rq.vi
+    vq = rq.vq
+    desc = vq.ring.desc
+    packets = 0
+    while packets < budget:
+        got = virtqueue_get_buf_with_content(vq, desc)
+        if got is None:
+            break
+        receive_buf(vi, rq, got[0], got[1])
+        packets += 1
+    if vq.num_free > min(budget, vq.ring.num) // 2:
+        try_fill_recv(vi, rq)
+    return packets
+
+
+def virtqueue_get_buf_with_content(vq: VringVirtqueue, desc: Any) -> tuple[Any, int] | None:
+    """virtqueue_get_buf, reading what the device wrote into the buffer (vkick: a
+    buffer's content is its descriptor's ``addr``)."""
+    head_len = _peek_used_head(vq)
+    if head_len is None:
+        return None
+    content = desc[head_len].addr
+    got = virtqueue_get_buf(vq)
+    assert got is not None
+    return content, got[1]
+
+
+def _peek_used_head(vq: VringVirtqueue) -> int | None:
+    ring = vq.ring
+    if vq.last_used_idx == ring.used_idx:
+        return None
+    return ring.used_ring[vq.last_used_idx & (ring.num - 1)][0]
+
+
+def virtnet_poll(napi: NapiStruct, budget: int) -> int:
+    """drivers/net/virtio_net.c: virtnet_poll — the RX NAPI poll  [guest softirq]
+
+    Reclaim this pair's TX buffers, receive up to ``budget``, and complete (re-enabling the
+    RX interrupt) when the ring ran dry before the budget.
+    """
+    rq: ReceiveQueue = napi.owner
+    rq.polls += 1
+    virtnet_poll_cleantx(rq)
+    rq.guest.charge(rq.vi.costs.napi_poll_ns)
+    received = virtnet_receive(rq, budget)
+    if received < budget:
+        virtqueue_napi_complete(napi, rq.vq, received)
+    bus = rq.vi.bus
+    if bus is not None and bus.on:
+        bus.emit("virtnet_poll", vm=rq.vi.vm, dev=rq.vi.name, vq=rq.vq.name, pkts=received,
+                 last_used_idx=rq.vq.last_used_idx, complete=received < budget)
+    return received
+
+
+# ------------------------------------------------------------------------ transmit
+
+
+def free_old_xmit_skbs(sq: SendQueue, in_napi: bool) -> int:
+    """drivers/net/virtio_net.c: free_old_xmit_skbs — take every used TX buffer."""
+    vi = sq.vi
+    packets = 0
+    while (got := virtqueue_get_buf(sq.vq)) is not None:
+        skb: SkBuff = got[0]
+        packets += 1
+        sq.bytes += skb.len
+        if vi.on_complete is not None:
+            vi.on_complete(sq, skb)
+    if packets:
+        sq.packets += packets
+        sq.guest.charge(packets * vi.costs.tx_reclaim_ns)
+    return packets
+
+
+def virtnet_poll_cleantx(rq: ReceiveQueue) -> None:
+    """drivers/net/virtio_net.c: virtnet_poll_cleantx — with napi_tx, the RX poll frees its
+    pair's TX buffers too (the TX lock is never contended here: one vCPU per pair)."""
+    sq = rq.vi.sq[rq.index]
+    if not sq.napi.weight:
+        return
+    free_old_xmit_skbs(sq, True)
+    if sq.vq.num_free >= 2 + MAX_SKB_FRAGS:
+        netif_tx_wake_queue(sq)
+
+
+def virtnet_poll_tx(napi: NapiStruct, budget: int) -> int:
+    """drivers/net/virtio_net.c: virtnet_poll_tx — the TX NAPI poll: free, complete,
+    wake the queue; always reports 0 work (TX completions never use the budget)."""
+    sq: SendQueue = napi.owner
+    free_old_xmit_skbs(sq, True)
+    sq.guest.charge(sq.vi.costs.napi_poll_ns)
+    virtqueue_napi_complete(napi, sq.vq, 0)
+    if sq.vq.num_free >= 2 + MAX_SKB_FRAGS:
+        netif_tx_wake_queue(sq)
+    return 0
+
+
+def xmit_skb(sq: SendQueue, skb: SkBuff) -> int:
+    """drivers/net/virtio_net.c: xmit_skb — the packet (header pushed in front: one
+    descriptor with VIRTIO_F_ANY_LAYOUT) goes on the TX ring."""
+    return virtqueue_add_outbuf(sq.vq, skb, skb.len + VNET_HDR_LEN)
+
+
+def start_xmit(skb: SkBuff, sq: SendQueue, xmit_more: bool) -> int:
+    """drivers/net/virtio_net.c: start_xmit  [guest, BH disabled]
+
+    Free what the device finished, re-arm the delayed TX interrupt (napi_tx), add the
+    packet, stop the queue when fewer than 2 + MAX_SKB_FRAGS slots are left, and kick
+    unless more packets follow (``xmit_more``) — or the queue just stopped.
+    """
+    vi = sq.vi
+    kick = not xmit_more
+    use_napi = bool(sq.napi.weight)
+    free_old_xmit_skbs(sq, False)
+    if use_napi and kick:
+        virtqueue_enable_cb_delayed(sq.vq)
+    sq.guest.charge(vi.costs.tx_packet_ns)
+    if xmit_skb(sq, skb):
+        sq.dropped += 1  # tx_fifo_errors, tx_dropped: "this should not happen"
+        return NET_XMIT_DROP
+    sq.sent += 1
+    if sq.vq.num_free < 2 + MAX_SKB_FRAGS:
+        sq.stopped = True  # netif_stop_subqueue
+        if not use_napi and not virtqueue_enable_cb_delayed(sq.vq):
+            free_old_xmit_skbs(sq, False)
+            if sq.vq.num_free >= 2 + MAX_SKB_FRAGS:
+                sq.stopped = False  # netif_start_subqueue
+                virtqueue_disable_cb(sq.vq)
+    if (kick or sq.stopped) and virtqueue_kick_prepare(sq.vq) and virtqueue_notify(sq.vq):
+        sq.kicks += 1
+    return NET_XMIT_SUCCESS
+
+
+def netif_tx_wake_queue(sq: SendQueue) -> None:
+    """include/linux/netdevice.h: netif_tx_wake_queue — restart a stopped queue and run
+    its qdisc (__netif_schedule; vkick runs qdisc_run right away)."""
+    if sq.stopped:
+        sq.stopped = False
+        qdisc_run(sq)
+
+
+def dev_queue_xmit(sq: SendQueue, skb: SkBuff) -> int:
+    """net/core/dev.c: dev_queue_xmit → __dev_xmit_skb: enqueue on the qdisc (drop when
+    full) and run it unless the queue is stopped."""
+    if len(sq.backlog) >= TX_QUEUE_LEN:
+        sq.dropped += 1
+        return NET_XMIT_DROP
+    sq.backlog.append(skb)
+    if not sq.stopped:
+        qdisc_run(sq)
+    return NET_XMIT_SUCCESS
+
+
+def qdisc_run(sq: SendQueue) -> None:
+    """net/sched/sch_generic.c: __qdisc_run → sch_direct_xmit — dequeue while the queue runs;
+    every packet but the last of the burst goes with xmit_more (one kick per burst)."""
+    backlog = sq.backlog
+    while backlog and not sq.stopped:
+        skb = backlog.popleft()
+        start_xmit(skb, sq, xmit_more=bool(backlog))
+
+
+# ------------------------------------------------------------------------ setup
+
+
+def virtnet_napi_enable(vq: VringVirtqueue, napi: NapiStruct, vcpu: Any) -> None:
+    """drivers/net/virtio_net.c: virtnet_napi_enable — enable, then schedule once with BHs
+    off: buffers the device filled before NAPI was enabled raise no interrupt."""
+    napi_enable(napi)
+    virtqueue_napi_schedule(napi, vq)
+    local_bh_enable(vcpu)
+
+
+def virtnet_open(vi: VirtnetInfo, vcpus: list[Any]) -> None:
+    """drivers/net/virtio_net.c: virtnet_open — fill every RX ring, enable the NAPIs (the
+    TX one only with napi_tx)  [guest process, on each queue's vCPU]."""
+    for i, rq in enumerate(vi.rq):
+        try_fill_recv(vi, rq)
+        virtnet_napi_enable(rq.vq, rq.napi, vcpus[i])
+        sq = vi.sq[i]
+        if sq.napi.weight:
+            virtnet_napi_enable(sq.vq, sq.napi, vcpus[i])
+
+
+def make_queue_pair(vi: VirtnetInfo, index: int, rx: VringVirtqueue, tx: VringVirtqueue, *,
+                    sd: SoftnetData, guest: Any) -> None:
+    """virtnet_alloc_queues + virtnet_find_vqs for one pair: queues, NAPIs, callbacks."""
+    rq_napi = NapiStruct(virtnet_poll, sd, weight=vi.napi_weight, name=f"{vi.name}.rx{index}")
+    sq_napi = NapiStruct(virtnet_poll_tx, sd, weight=vi.napi_weight if vi.napi_tx else 0,
+                         name=f"{vi.name}.tx{index}")
+    rq = ReceiveQueue(rx, rq_napi, index, guest, vi)
+    sq = SendQueue(tx, sq_napi, index, guest, vi)
+    rq_napi.owner = rq
+    sq_napi.owner = sq
+    rx.owner, rx.callback = rq, skb_recv_done
+    tx.owner, tx.callback = sq, skb_xmit_done
+    # netif_napi_add leaves SCHED set until napi_enable.
+    rq_napi.sched = sq_napi.sched = True
+    vi.rq.append(rq)
+    vi.sq.append(sq)
+
+
+def vp_interrupt_handler(vq: VringVirtqueue) -> Callable[[Any], None]:
+    """drivers/virtio/virtio_pci_common.c: vp_vring_interrupt for a per-vq MSI-X vector:
+    the guest handler that vkick's guest CPU runs for that vector."""
+
+    def handler(vcpu: Any) -> None:
+        vring_interrupt(vq)
+
+    return handler
