@@ -5,8 +5,8 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-from vkick.demo import DemoConfig, run_demo
 from vkick.obs.jsonl import JsonlWriter, ReadReport, read_events, rotated_parts
+from vkick.testing import run_config
 
 
 def _records(n: int) -> list[dict[str, object]]:
@@ -59,9 +59,10 @@ def test_read_events_reports_truncated_and_corrupt_lines_and_keeps_the_rest(
     assert "truncated" in report.bad[-1][2]
 
 
-def test_demo_log_is_readable_and_ordered(tmp_path: Path) -> None:
-    log = tmp_path / "demo.jsonl"
-    run_demo(DemoConfig(duration_ns=300_000), log=log)
+def test_run_log_is_readable_and_ordered(tmp_path: Path) -> None:
+    """A debug-level log of a run reads back whole, in seq order."""
+    log = tmp_path / "run.jsonl"
+    run_config(None, duration="300us", log=log, log_level="debug")
     report = ReadReport()
     seqs = [r["seq"] for r in read_events([log], report)]
     assert seqs == sorted(seqs) and not report.bad and report.records == len(seqs) > 0

@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from vkick.cli import main
-from vkick.demo import DemoConfig, run_demo
 from vkick.obs.jsonl import read_events
 from vkick.obs.perfetto import export_trace, validate_trace
+from vkick.testing import run_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("apicv", [True, False])
 def test_trace_of_a_known_run_is_valid_with_one_flow_per_satisfied_signal(
         tmp_path: Path, apicv: bool) -> None:
     log = tmp_path / "run.jsonl"
-    stats = run_demo(DemoConfig(apicv=apicv, duration_ns=1_000_000, seed=3), log=log,
-                     log_level="debug")
+    cfg = tomllib.loads((ROOT / "configs" / ("default.toml" if apicv else "no-apicv.toml"))
+                        .read_text())
+    summary = run_config(cfg, duration="1ms", seed=3, log=log, log_level="debug").summary
     trace = export_trace(read_events([log]))
     assert validate_trace(trace) == []
     flows = [e for e in trace["traceEvents"] if e["ph"] == "s"]
-    assert len(flows) == stats.to_json()["latency_ns"]["count"] > 0
+    assert len(flows) == summary["latency_ns"]["count"] > 0
     assert len({e["id"] for e in flows}) == len(flows)  # never reused
     names = {e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
     assert {"host", "vm0", "vcpu0", "vcpu1", "interrupt sources"} <= names

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vkick.demo import DemoConfig, run_demo
 from vkick.obs.tracepoints import EVENTS, render_markdown, validate
 from vkick.scenario.format import load_scenario
 from vkick.scenario.runner import run_scenario
+from vkick.testing import run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,10 +31,11 @@ def test_every_emitted_event_conforms_to_the_schema() -> None:
         sc = load_scenario(path)
         for apicv in (True, False):
             run_scenario(sc, apicv=apicv, sinks=(col,))
-    for apicv in (True, False):
-        run_demo(DemoConfig(apicv=apicv, duration_ns=500_000), extra_sink=col)
+    for config in sorted((ROOT / "configs").glob("*.toml")):
+        if config.stem in ("default", "no-apicv", "rr", "no-event-idx"):
+            run_config(config, duration="500us", sinks=(col,))
     assert not col.problems, col.problems
-    # The scenarios and the demo exercise nearly the whole schema.
+    # The scenarios and the configs exercise nearly the whole schema.
     assert len(col.seen) >= len(EVENTS) - 4, sorted(set(EVENTS) - col.seen)
 
 

@@ -24,3 +24,18 @@ def capture_events(bus: EventBus, *names: str) -> Iterator[list[dict[str, Any]]]
         yield records
     finally:
         unsubscribe()
+
+
+def run_config(config: Any = None, **overrides: Any) -> Any:
+    """Run a host configuration to its end from synchronous code (a test, a script) and
+    return its :class:`vkick.host.RunResult`.  ``config`` and ``overrides`` are those of
+    :meth:`vkick.Host.from_config`.  Inside a running event loop, use ``vkick.Host``."""
+    import anyio  # noqa: PLC0415
+
+    from vkick.host import Host  # noqa: PLC0415
+
+    async def main() -> Any:
+        async with Host.from_config(config, **overrides) as host:
+            return await host.run()
+
+    return anyio.run(main)

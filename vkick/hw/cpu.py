@@ -94,12 +94,13 @@ def create_host(rt: Runtime, nr_pcpus: int, costs: HostCosts | None = None) -> H
     return HwHost(rt, [PhysicalCpu(rt, i) for i in range(nr_pcpus)], costs or HostCosts())
 
 
-def send_ipi(host: HwHost, cpu: int, vector: int, vcpu_id: int = -1) -> None:
-    """apic->send_IPI(cpu, vector): a message to ``cpu``'s inbox after the IPI latency."""
+def send_ipi(host: HwHost, cpu: int, vector: int, vcpu_id: int = -1, vm: str = "") -> None:
+    """apic->send_IPI(cpu, vector): a message to ``cpu``'s inbox after the IPI latency.
+    ``vm``/``vcpu_id`` name the vCPU the IPI is meant for (for the event only)."""
     rt = host.rt
     bus = rt.bus
     if bus.on:
-        bus.emit("vkick_host_ipi", pcpu=cpu, hvector=vector, vcpu=vcpu_id)
+        bus.emit("vkick_host_ipi", pcpu=cpu, hvector=vector, vm=vm, vcpu=vcpu_id)
     pcpu = host.pcpus[cpu]
     lat = host.costs.ipi_latency_ns
     if lat <= 0:

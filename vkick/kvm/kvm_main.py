@@ -169,7 +169,7 @@ def kvm_vcpu_kick(vcpu: KvmVcpu) -> None:
         if cpu != me and cpu >= 0 and kvm_arch_vcpu_should_kick(vcpu):
             ipi = True
             vcpu.stat.kicks_ipi += 1
-            send_ipi(vcpu.kvm.host, cpu, RESCHEDULE_VECTOR, vcpu.vcpu_id)
+            send_ipi(vcpu.kvm.host, cpu, RESCHEDULE_VECTOR, vcpu.vcpu_id, vcpu.kvm.name)
     bus = vcpu.kvm.rt.bus
     if bus.on:
         bus.emit("kvm_vcpu_kick", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, ipi=ipi, woke=woke)

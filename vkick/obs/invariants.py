@@ -5,7 +5,13 @@ Checks, online or on a log:
 * §17.1 no lost interrupt: every source is delivered (``vkick_irq`` with
   ``delivered: false`` is a violation) and within ``stall_ns`` of its signal;
 * §17.2 no spurious delivery: every ``vkick_guest_irq`` satisfies at least one source;
-* §17.15 nothing is injected through an irqfd after its ``KVM_IRQFD`` deassign returned.
+* §17.15 nothing is injected through an irqfd after its ``KVM_IRQFD`` deassign returned;
+* §17.17 no stalled receive queue: used RX buffers the device published (``handle_rx``)
+  are taken by the guest (``virtnet_poll``) within ``stall_ns``, and none is left untaken
+  when the run ends quiescent (the lost-notification hang of spec §16.9).
+
+``vkick_run_start`` sets the latency bound the run was configured with, so a log is
+checked offline exactly as it was online.
 
 Each violation carries the causal trace: the records that named its correlation id (kept
 while the interrupt is in flight, at most ``TRACE_LEN`` of them, so memory stays bounded).
@@ -41,6 +47,11 @@ class InvariantChecker:
         self.violations: list[Violation] = []
         self._trace: dict[int, list[dict[str, Any]]] = {}
         self._deassigned: set[int] = set()
+        # §17.17: per RX queue ("vm/dev/vq"): used->idx published, the guest's last_used_idx,
+        # and since when published buffers wait untaken.
+        self._published: dict[str, int] = {}
+        self._consumed: dict[str, int] = {}
+        self._waiting_since: dict[str, int] = {}
 
     def __call__(self, rec: EventRecord) -> None:
         ev = rec["ev"]
@@ -61,12 +72,46 @@ class InvariantChecker:
             self._deassigned.add(rec["gsi"])
         elif ev == "irqfd_assign":
             self._deassigned.discard(rec["gsi"])
+        elif ev == "handle_rx":
+            key = f"{rec['vm']}/{rec['dev']}/{rec['vq']}"
+            self._published[key] = rec["used_idx"]
+            if rec["used_idx"] != self._consumed.get(key, 0):
+                self._waiting_since.setdefault(key, rec["t"])
+            self._check_stall(key, rec["t"], rec)
+        elif ev == "virtnet_poll":
+            key = f"{rec['vm']}/{rec['dev']}/{rec['vq']}"
+            self._check_stall(key, rec["t"], rec)
+            self._consumed[key] = rec["last_used_idx"]
+            if rec["last_used_idx"] == self._published.get(key, 0):
+                self._waiting_since.pop(key, None)
+        elif ev == "vkick_run_start":
+            self.stall_ns = rec["stall_ns"]
+        elif ev == "vkick_run_end":
+            for key, since in sorted(self._waiting_since.items()):
+                if rec["quiescent"] or rec["t"] - since > self.stall_ns:
+                    self._stall(key, since, rec["t"], rec, hung=rec["quiescent"])
+            self._waiting_since.clear()
         elif ev == "irqfd_wakeup" and rec["gsi"] in self._deassigned and rec["r"] >= 0:
             ids = rec["irq"] or [0]
             self.violations.append(Violation(
                 "17.15 no delivery after deassign",
                 f"irqfd for GSI {rec['gsi']} injected at t={rec['t']} ns after its deassign",
                 ids[0], self._trace.get(ids[0], [dict(rec)])))
+
+    def _check_stall(self, key: str, t: int, rec: EventRecord) -> None:
+        since = self._waiting_since.get(key)
+        if since is not None and t - since > self.stall_ns:
+            self._stall(key, since, t, rec, hung=False)
+            self._waiting_since[key] = t  # one violation per stall_ns of waiting
+
+    def _stall(self, key: str, since: int, t: int, rec: EventRecord, *, hung: bool) -> None:
+        what = ("still untaken when the run ended quiescent: the guest waits for an "
+                "interrupt that will never come" if hung else
+                f"untaken for {t - since} ns (bound {self.stall_ns} ns)")
+        self.violations.append(Violation(
+            "17.17 no stalled queue",
+            f"{key}: used buffers published up to index {self._published.get(key, 0)} at "
+            f"t={since} ns, guest at {self._consumed.get(key, 0)}; {what}", 0, [dict(rec)]))
 
     def _note(self, irq: int, rec: EventRecord) -> None:
         trace = self._trace.get(irq)

@@ -2,10 +2,12 @@
 
 It reads only info-level records — ``vkick_irq`` (each interrupt's life, from
 :mod:`vkick.obs.irqlife`), ``vkick_guest_irq``, ``kvm_exit``, ``vkick_host_ipi``,
-``kvm_apic_ipi`` — so ``vkick run`` (subscribed to the bus) and ``vkick analyze`` (reading a
+``kvm_apic_ipi``, ``vhost_signal``, ``handle_rx`` / ``handle_tx``, ``vkick_tun_drop``,
+``vkick_rr`` — so ``vkick run`` (subscribed to the bus) and ``vkick analyze`` (reading a
 log at the default info level, or at debug level) produce the same ``to_json()``: one
-schema (``signalled``, ``coalesced``, ``delivered``, per path, per vCPU …).  Latencies go
-into HDR histograms: bounded memory whatever the run length.
+schema (``signalled``, ``coalesced``, ``delivered``, per path, per VM, per vCPU, per queue
+…).  The same counters are kept for the whole host, per VM and per vCPU (:class:`Tally`).
+Latencies go into HDR histograms: bounded memory whatever the run length.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def _histogram() -> HdrHistogram:
 
 
 def _latency_json(h: HdrHistogram | None) -> dict[str, int]:
+    """Percentiles of an HDR histogram (zeros when empty)."""
     if h is None or h.get_total_count() == 0:
         return {"p50": 0, "p90": 0, "p99": 0, "max": 0, "count": 0}
     return {"p50": int(h.get_value_at_percentile(50)), "p90": int(h.get_value_at_percentile(90)),
@@ -32,85 +35,236 @@ def _latency_json(h: HdrHistogram | None) -> dict[str, int]:
             "count": int(h.get_total_count())}
 
 
-def _record(table: dict[str, HdrHistogram], key: str, value: int) -> None:
+_FOLD_AT: Final = 4096  # distinct values kept exactly before they are folded into HDR
+
+
+class Latencies:
+    """A latency distribution: exact counts per value, folded into an HDR histogram when
+    they grow many (memory stays bounded).
+
+    NOTE: ``HdrHistogram.record_value`` costs ≈1.3 µs in pure Python and every interrupt
+    lands in four scopes; counting first and recording ``value × n`` at the end is what
+    keeps ``vkick analyze`` fast (bench/bench_obs.py).
+    """
+
+    __slots__ = ("_counts", "_h")
+
+    def __init__(self) -> None:
+        self._counts: Counter[int] = Counter()
+        self._h: HdrHistogram | None = None
+
+    def record(self, ns: int) -> None:
+        counts = self._counts
+        counts[ns] += 1
+        if len(counts) > _FOLD_AT:
+            self._fold()
+
+    def _fold(self) -> HdrHistogram:
+        h = self._h
+        if h is None:
+            h = self._h = _histogram()
+        for value, n in self._counts.items():
+            h.record_value(value, n)
+        self._counts.clear()
+        return h
+
+    def to_json(self) -> dict[str, int]:
+        return _latency_json(self._fold() if self._counts or self._h is not None else None)
+
+
+def _record(table: dict[str, Latencies], key: str, value: int) -> None:
     h = table.get(key)
     if h is None:
-        h = table[key] = _histogram()
-    h.record_value(value)
+        h = table[key] = Latencies()
+    h.record(value)
 
 
-class RunStats:
-    """Per-interrupt accounting (a bus sink, or fed from a log)."""
+class Tally:
+    """The counters of one scope (the host, a VM, a vCPU or a queue)."""
+
+    __slots__ = ("coalesced", "delivered", "drops", "exits", "guest_ipis", "host_ipis",
+                 "latency", "paths", "rr", "rx_bytes", "rx_packets", "signalled",
+                 "suppressed", "tx_bytes", "tx_packets", "undelivered")
 
     def __init__(self) -> None:
         self.signalled = 0
         self.coalesced = 0
         self.delivered = 0
         self.undelivered = 0
+        self.suppressed = 0  # vhost_signal decided no interrupt was needed
+        self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = self.drops = 0
         self.paths: Counter[str] = Counter()
-        self.sources: Counter[str] = Counter()
         self.exits: Counter[str] = Counter()
         self.host_ipis: Counter[str] = Counter()
         self.guest_ipis: Counter[str] = Counter()
-        self.per_vcpu: Counter[str] = Counter()
-        self.rate: Counter[int] = Counter()
-        self.latency = _histogram()
-        self.latency_by_path: dict[str, HdrHistogram] = {}
-        self.latency_by_vcpu: dict[str, HdrHistogram] = {}
-        self.latency_by_queue: dict[str, HdrHistogram] = {}  # by signalled eventfd
+        self.latency = Latencies()
+        self.rr: Latencies | None = None
 
-    def __call__(self, rec: EventRecord) -> None:
-        ev = rec["ev"]
-        if ev == "vkick_irq":
-            if rec["first"]:
-                self.signalled += 1
-                self.sources[rec["source"]] += 1
-            if not rec["delivered"]:
-                self.undelivered += 1
-                return
-            if rec["coalesced"]:
-                self.coalesced += 1
-            path = rec["path"]
-            self.paths[path] += 1
-            lat = max(1, rec["latency_ns"])
-            self.latency.record_value(lat)
-            _record(self.latency_by_path, path, lat)
-            _record(self.latency_by_vcpu, f"{rec['vm']}/{rec['vcpu']}", lat)
-            if rec["source"] == "signal":
-                _record(self.latency_by_queue, rec["origin"], lat)
-        elif ev == "vkick_guest_irq":
-            self.delivered += 1
-            self.per_vcpu[f"{rec['vm']}/{rec['vcpu']}"] += 1
-            self.rate[rec["t"] // RATE_BUCKET_NS] += 1
-        elif ev == "kvm_exit":
-            self.exits[rec["reason"]] += 1
-        elif ev == "vkick_host_ipi":
-            self.host_ipis[f"{rec['hvector']:#x}"] += 1
-        elif ev == "kvm_apic_ipi":
-            self.guest_ipis[f"{rec['vector']:#x}"] += 1
+    def record_rtt(self, ns: int) -> None:
+        rr = self.rr
+        if rr is None:
+            rr = self.rr = Latencies()
+        rr.record(ns)
 
     def to_json(self) -> dict[str, Any]:
-        """The summary (the same schema for ``vkick run --json`` and ``vkick analyze``)."""
-        return {
+        packets = self.rx_packets + self.tx_packets
+        out: dict[str, Any] = {
+            "packets": {"rx": self.rx_packets, "tx": self.tx_packets, "rx_bytes": self.rx_bytes,
+                        "tx_bytes": self.tx_bytes, "dropped": self.drops},
             "signalled": self.signalled,
             "coalesced": self.coalesced,
             "delivered": self.delivered,
             "undelivered": self.undelivered,
-            "sources": dict(sorted(self.sources.items())),
+            "suppressed": self.suppressed,
+            "interrupts_per_packet": round(self.signalled / packets, 6) if packets else 0.0,
             "paths": dict(sorted(self.paths.items())),
+            "latency_ns": self.latency.to_json(),
             "exits": dict(sorted(self.exits.items())),
             "host_ipis": dict(sorted(self.host_ipis.items())),
             "guest_ipis": dict(sorted(self.guest_ipis.items())),
-            "per_vcpu": {k: {"delivered": n,
-                             "latency_ns": _latency_json(self.latency_by_vcpu.get(k))}
-                         for k, n in sorted(self.per_vcpu.items())},
-            "latency_ns": _latency_json(self.latency),
-            "coalescing_ratio": round(self.coalesced / self.signalled, 6)
-                                if self.signalled else 0.0,
-            "latency_ns_by_path": {k: _latency_json(h)
+        }
+        if self.rr is not None:
+            out["rr_rtt_ns"] = self.rr.to_json()
+        return out
+
+
+class RunStats:
+    """Per-interrupt accounting (a bus sink, or fed from a log)."""
+
+    def __init__(self) -> None:
+        self.total = Tally()
+        self.vms: dict[str, Tally] = {}
+        self.vcpus: dict[str, Tally] = {}  # "vm/vcpu"
+        self.queues: dict[str, Tally] = {}  # "vm/dev/vq": a vhost queue (its call eventfd)
+        self.sources: Counter[str] = Counter()
+        self.rate: Counter[int] = Counter()
+        self.latency_by_path: dict[str, Latencies] = {}
+
+    def _vm(self, vm: str) -> Tally:
+        t = self.vms.get(vm)
+        if t is None:
+            t = self.vms[vm] = Tally()
+        return t
+
+    def _vcpu(self, vm: str, vcpu: int) -> Tally:
+        key = f"{vm}/{vcpu}"
+        t = self.vcpus.get(key)
+        if t is None:
+            t = self.vcpus[key] = Tally()
+        return t
+
+    def _queue(self, key: str) -> Tally:
+        t = self.queues.get(key)
+        if t is None:
+            t = self.queues[key] = Tally()
+        return t
+
+    def __call__(self, rec: EventRecord) -> None:
+        ev = rec["ev"]
+        if ev == "vkick_irq":
+            self._irq(rec)
+        elif ev == "vkick_guest_irq":
+            vm, vcpu = rec["vm"], rec["vcpu"]
+            for t in (self.total, self._vm(vm), self._vcpu(vm, vcpu)):
+                t.delivered += 1
+            self.rate[rec["t"] // RATE_BUCKET_NS] += 1
+        elif ev == "kvm_exit":
+            reason = rec["reason"]
+            vm = rec["vm"]
+            for t in (self.total, self._vm(vm), self._vcpu(vm, rec["vcpu"])):
+                t.exits[reason] += 1
+        elif ev == "vkick_host_ipi":
+            vec = f"{rec['hvector']:#x}"
+            self.total.host_ipis[vec] += 1
+            vm = rec.get("vm")
+            if vm:
+                self._vm(vm).host_ipis[vec] += 1
+                if rec["vcpu"] >= 0:
+                    self._vcpu(vm, rec["vcpu"]).host_ipis[vec] += 1
+        elif ev == "kvm_apic_ipi":
+            vec = f"{rec['vector']:#x}"
+            vm = rec["vm"]
+            for t in (self.total, self._vm(vm), self._vcpu(vm, rec["vcpu"])):
+                t.guest_ipis[vec] += 1
+        elif ev == "vhost_signal":
+            if not rec["signalled"]:
+                vm = rec["vm"]
+                for t in (self.total, self._vm(vm),
+                          self._queue(f"{vm}/{rec['dev']}/{rec['vq']}")):
+                    t.suppressed += 1
+        elif ev in ("handle_rx", "handle_tx"):
+            vm = rec["vm"]
+            rx = ev == "handle_rx"
+            for t in (self.total, self._vm(vm), self._queue(f"{vm}/{rec['dev']}/{rec['vq']}")):
+                if rx:
+                    t.rx_packets += rec["pkts"]
+                    t.rx_bytes += rec["bytes"]
+                else:
+                    t.tx_packets += rec["pkts"]
+                    t.tx_bytes += rec["bytes"]
+        elif ev == "vkick_tun_drop":
+            vm = rec["vm"]
+            for t in (self.total, self._vm(vm), self._queue(f"{vm}/{rec['dev']}/{rec['vq']}")):
+                t.drops += 1
+        elif ev == "vkick_rr":
+            vm = rec["vm"]
+            rtt = max(1, rec["rtt_ns"])
+            for t in (self.total, self._vm(vm), self._vcpu(vm, rec["vcpu"]),
+                      self._queue(f"{vm}/{rec['dev']}/{rec['vq']}")):
+                t.record_rtt(rtt)
+
+    def _irq(self, rec: EventRecord) -> None:
+        vm = rec["vm"]
+        vcpu = rec["vcpu"]
+        scopes = [self.total, self._vm(vm)] if vm else [self.total]
+        if vcpu >= 0 and vm:
+            scopes.append(self._vcpu(vm, vcpu))
+        if rec["source"] == "signal":
+            scopes.append(self._queue(rec["origin"]))
+        if rec["first"]:
+            self.sources[rec["source"]] += 1
+            for t in scopes:
+                t.signalled += 1
+        if not rec["delivered"]:
+            for t in scopes:
+                t.undelivered += 1
+            return
+        path = rec["path"]
+        lat = max(1, rec["latency_ns"])
+        coalesced = rec["coalesced"]
+        for t in scopes:
+            if coalesced:
+                t.coalesced += 1
+            t.paths[path] += 1
+            t.latency.record(lat)
+        _record(self.latency_by_path, path, lat)
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary (the same schema for ``vkick run --json`` and ``vkick analyze``)."""
+        total = self.total
+        out = total.to_json()
+        out.update({
+            "sources": dict(sorted(self.sources.items())),
+            "coalescing_ratio": round(total.coalesced / total.signalled, 6)
+                                if total.signalled else 0.0,
+            "latency_ns_by_path": {k: h.to_json()
                                    for k, h in sorted(self.latency_by_path.items())},
-            "latency_ns_by_queue": {k: _latency_json(h)
-                                    for k, h in sorted(self.latency_by_queue.items())},
+            "vms": {name: self._vm_json(name, t) for name, t in sorted(self.vms.items())},
+            "queues": {k: t.to_json() for k, t in sorted(self.queues.items())},
             "rate": [{"t_ns": b * RATE_BUCKET_NS, "delivered": n}
                      for b, n in sorted(self.rate.items())],
-        }
+        })
+        return out
+
+    def _vm_json(self, name: str, t: Tally) -> dict[str, Any]:
+        out = t.to_json()
+        prefix = name + "/"
+        out["vcpus"] = {k[len(prefix):]: v.to_json()
+                        for k, v in sorted(self.vcpus.items(), key=lambda kv: _vcpu_key(kv[0]))
+                        if k.startswith(prefix)}
+        return out
+
+
+def _vcpu_key(key: str) -> tuple[str, int]:
+    vm, _, vcpu = key.rpartition("/")
+    return vm, int(vcpu)

@@ -25,7 +25,8 @@ def kvm_vcpu_trigger_posted_interrupt(vcpu: KvmVcpu, nested: bool) -> bool:
     and blocks → vcpu_block's runnability check harvests PIR and refuses to block.
     """
     if vcpu.mode == IN_GUEST_MODE:
-        send_ipi(vcpu.kvm.host, vcpu.cpu, POSTED_INTR_VECTOR, vcpu.vcpu_id)
+        send_ipi(vcpu.kvm.host, vcpu.cpu, POSTED_INTR_VECTOR, vcpu.vcpu_id,
+                 vcpu.kvm.name)
         vcpu.stat.pi_notifications += 1
         return True
     return False
