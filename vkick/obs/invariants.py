@@ -88,5 +88,8 @@ class InvariantChecker:
                 "17.1 no lost interrupt (bound)",
                 f"{rec['source']} at t={rec['t_signal']} ns took {rec['latency_ns']} ns "
                 f"(bound {self.stall_ns} ns)", irq, list(self._trace.get(irq, []))))
-        if rec["first"]:
-            self._trace.pop(irq, None)
+        # Done with this delivery.  Every destination's delivery drops the trace: later
+        # records of a multi-destination interrupt (the other vCPUs' deliveries) would
+        # otherwise start a new trace that no record ever drops (memory must stay
+        # bounded on a long log).
+        self._trace.pop(irq, None)
