@@ -158,3 +158,29 @@ def test_jsonl_writer_puts_a_newline_before_every_page_boundary(tmp_path: Path) 
     assert len(data) > 100 * PAGE
     assert all(data[off - 1:off] == b"\n" for off in range(PAGE, len(data), PAGE))
     assert list(read_events([path])) == recs
+
+
+def test_jsonl_layout_matches_the_line_by_line_rule() -> None:
+    """The page-at-a-time layout (bisect over line lengths) gives exactly what padding line
+    by line gives, also with lines of a page or more, and from any starting offset."""
+    from hypothesis import given, settings  # noqa: PLC0415
+    from hypothesis import strategies as st  # noqa: PLC0415
+
+    from vkick.obs.jsonl import PAGE, _layout, _pad  # noqa: PLC0415
+
+    lengths = st.one_of(st.integers(1, 400), st.integers(1, 3 * PAGE),
+                        st.sampled_from([PAGE - 1, PAGE, PAGE + 1]))
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(lengths, min_size=1, max_size=40),
+           st.one_of(st.integers(0, 20 * PAGE), st.sampled_from([0, PAGE - 1, PAGE])))
+    def check(sizes: list[int], offset: int) -> None:
+        lines = [b"x" * (n - 1) + b"\n" for n in sizes]
+        expected, at = [], offset
+        for k, line in enumerate(lines):
+            padded = _pad(line, at, len(lines[k + 1]) if k + 1 < len(lines) else 0)
+            expected.append(padded)
+            at += len(padded)
+        assert _layout(lines, offset) == expected
+
+    check()

@@ -22,7 +22,9 @@ reports bad lines with their file and line number instead of failing.
 
 from __future__ import annotations
 
+import bisect
 import gzip
+import itertools
 import mmap
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -96,16 +98,29 @@ class JsonlWriter:
         buf = self._buf
         if len(buf) < (1 if final else 2):
             return
-        last = buf[-1]
+        n = len(buf) - (0 if final else 1)  # lines to write; the one after them stays
+        if self.max_bytes is None:
+            out = _layout(buf, self._written)
+            del out[n:]
+            self._written += sum(map(len, out))
+            self._write(out)
+        else:
+            self._drain_rotating(n)
+        self.records += n
+        del buf[:n]
+
+    def _drain_rotating(self, n: int) -> None:
+        """Line by line: rotate before a line that would take the part past max_bytes."""
+        buf = self._buf
         limit = self.max_bytes
+        assert limit is not None
         written = self._written
         out: list[bytes] = []
-        n = len(buf) - (0 if final else 1)
         for k in range(n):
             line = buf[k]
             nxt = len(buf[k + 1]) if k + 1 < len(buf) else 0
             padded = _pad(line, written, nxt)
-            if limit is not None and written and written + len(padded) > limit:
+            if written and written + len(padded) > limit:
                 self._write(out)
                 out = []
                 self._rotate()
@@ -115,10 +130,6 @@ class JsonlWriter:
             written += len(padded)
         self._write(out)
         self._written = written
-        self.records += n
-        buf.clear()
-        if not final:
-            buf.append(last)
 
     def _write(self, lines: list[bytes]) -> None:
         if not lines:
@@ -154,6 +165,38 @@ def _pad(line: bytes, offset: int, next_len: int) -> bytes:
     if room and next_len > room:
         return line[:-1] + b" " * room + b"\n"
     return line
+
+
+def _layout(lines: list[bytes], offset: int) -> list[bytes]:
+    """``lines`` as written from file ``offset``: a line that would cross a page boundary
+    starts on it instead, the line before it padded up to it (a line longer than a page
+    cannot help crossing).  Page by page with bisect over the lengths, not line by line
+    (bench/bench_log.py)."""
+    out = list(lines)
+    cum = list(itertools.accumulate(map(len, lines), initial=0))  # starts, unpadded
+    n = len(lines)
+    shift = offset  # file offset of the batch start plus the padding added so far
+    i = 0
+    while i < n:
+        start = cum[i] + shift
+        boundary = (start // PAGE + 1) * PAGE
+        k = bisect.bisect_right(cum, boundary - shift) - 1  # last line starting ≤ boundary
+        if k >= n or cum[n] + shift <= boundary:
+            break  # everything left ends before the boundary
+        if k == i:  # line i itself crosses the boundary
+            if start % PAGE and i:  # pad the line before it (longer than a page) up to it
+                room = boundary - start
+                out[i - 1] = out[i - 1][:-1] + b" " * room + b"\n"
+                shift += room
+            else:  # on a page start and longer than a page, or nothing to pad: it crosses
+                i += 1
+            continue
+        room = boundary - (cum[k] + shift)  # bytes from the end of line k-1 to the boundary
+        if room:
+            out[k - 1] = out[k - 1][:-1] + b" " * room + b"\n"
+            shift += room
+        i = k
+    return out
 
 
 def rotated_parts(path: str | Path) -> list[Path]:
