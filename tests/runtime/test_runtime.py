@@ -433,3 +433,24 @@ def test_runtime_realtime_mode_uses_uvloop_and_supervises_kernel_tasks() -> None
     assert exc.value.task == "signaller"
     assert exc.value.t_ns >= 2_000_000
     assert ctx.count == 0  # the blocked reader took the 3
+
+
+def test_runtime_close_unwinds_tasks_in_name_order() -> None:
+    """Closing cancels the remaining tasks in name order, not in the order of a set of
+    tasks (their addresses), so anything they do while unwinding is reproducible."""
+    rt = Runtime()
+    unwound: list[str] = []
+
+    async def sleeper(name: str) -> None:
+        try:
+            await rt.sleep_ns(10**12)
+        finally:
+            unwound.append(name)
+
+    async def main() -> None:
+        for name in ("t3", "t1", "t4", "t0", "t2"):
+            rt.spawn(name, sleeper, name)
+        await rt.sleep_ns(1)
+
+    rt.run(main)
+    assert unwound == ["t0", "t1", "t2", "t3", "t4"]

@@ -220,7 +220,7 @@ class Runtime:
         group then unwinds as usual and re-raises the failure.
         """
         current = asyncio.current_task(self.loop)
-        for task in asyncio.all_tasks(self.loop):
+        for task in _by_name(asyncio.all_tasks(self.loop)):
             if task is not current and task is not self._root and not task.done() and (
                     task.get_name() != "vkick-wait"):
                 task.cancel()
@@ -280,10 +280,15 @@ class Runtime:
         self._closed = True
         root = self._root
         if root is not None and not root.done():
+            # Cancel the tasks in name order first: anyio would walk its set of tasks, an
+            # order that differs from run to run (their unwinding could emit events).
+            for task in _by_name(asyncio.all_tasks(self.loop)):
+                if task is not root and not task.done():
+                    task.cancel()
             root.cancel()
             with contextlib.suppress(BaseException):
                 self.loop.run_until_complete(root)
-        leftovers = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+        leftovers = [t for t in _by_name(asyncio.all_tasks(self.loop)) if not t.done()]
         for t in leftovers:
             t.cancel()
         if leftovers:
@@ -291,6 +296,11 @@ class Runtime:
                 self.loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
+
+
+def _by_name(tasks: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+    """Tasks in a reproducible order (a set's order follows their addresses)."""
+    return sorted(tasks, key=lambda t: t.get_name())
 
 
 def _where(task: asyncio.Task[Any]) -> str:
