@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import pytest
+
 from vkick.obs.jsonl import JsonlWriter, ReadReport, read_events, rotated_parts
 from vkick.testing import run_config
 
@@ -87,3 +89,99 @@ def test_jsonl_event_name_filter(tmp_path: Path) -> None:
         for r in _records(10):
             w(r)
     assert {r["ev"] for r in read_events([path])} == {"kvm_exit"}
+
+
+_WRITER_FOREVER = r"""
+import sys
+from vkick.obs.jsonl import JsonlWriter
+
+w = JsonlWriter(sys.argv[1], max_bytes=int(sys.argv[2]) or None)
+i = 0
+while True:  # until killed
+    w({"t": i, "ev": "vkick_warn", "seq": i, "what": "x" * (100 + i % 400)})
+    i += 1
+"""
+
+
+def _kill_writer_mid_write(path: Path, max_bytes: int, growths: int) -> None:
+    import signal  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER_FOREVER, str(path), str(max_bytes)])
+    try:
+        deadline = time.monotonic() + 60
+        size, seen = 0, 0
+        while seen < growths and time.monotonic() < deadline:
+            now = path.stat().st_size if path.exists() else 0
+            if now != size:  # a write(2) is under way or just ended: kill right now
+                size, seen = now, seen + 1
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert seen == growths, "the writer never wrote"
+
+
+@pytest.mark.parametrize(("max_bytes", "growths"), [(0, 1), (0, 2), (0, 3), (5_000_000, 1),
+                                                    (5_000_000, 4)])
+def test_jsonl_writer_killed_mid_write_leaves_whole_lines(
+        tmp_path: Path, max_bytes: int, growths: int) -> None:
+    """SIGKILL while the writer is inside a multi-megabyte write(2) (the kernel may stop it
+    at any page boundary) still leaves only whole, parseable records, in order, in every
+    part of a rotated log."""
+    path = tmp_path / "killed.jsonl"
+    _kill_writer_mid_write(path, max_bytes, growths)
+    report = ReadReport()
+    parts = rotated_parts(path)
+    seqs = [r["seq"] for r in read_events(parts, report)]
+    assert report.bad == []
+    assert seqs == list(range(len(seqs))) and seqs
+    for part in parts:
+        data = part.read_bytes()
+        assert data == b"" or data.endswith(b"\n")
+
+
+def test_jsonl_writer_puts_a_newline_before_every_page_boundary(tmp_path: Path) -> None:
+    """The layout behind the guarantee: every page boundary of the file falls right after a
+    newline, padding included; the padded records still read back unchanged."""
+    from vkick.obs.jsonl import PAGE  # noqa: PLC0415
+
+    path = tmp_path / "pages.jsonl"
+    recs = [{"t": i, "ev": "vkick_warn", "seq": i, "what": "y" * (i * 37 % 900)}
+            for i in range(3000)]
+    with JsonlWriter(path) as w:
+        for r in recs:
+            w(r)
+            if r["seq"] % 500 == 0:
+                w.flush()
+    data = path.read_bytes()
+    assert len(data) > 100 * PAGE
+    assert all(data[off - 1:off] == b"\n" for off in range(PAGE, len(data), PAGE))
+    assert list(read_events([path])) == recs
+
+
+def test_jsonl_layout_matches_the_line_by_line_rule() -> None:
+    """The page-at-a-time layout (bisect over line lengths) gives exactly what padding line
+    by line gives, also with lines of a page or more, and from any starting offset."""
+    from hypothesis import given, settings  # noqa: PLC0415
+    from hypothesis import strategies as st  # noqa: PLC0415
+
+    from vkick.obs.jsonl import PAGE, _layout, _pad  # noqa: PLC0415
+
+    lengths = st.one_of(st.integers(1, 400), st.integers(1, 3 * PAGE),
+                        st.sampled_from([PAGE - 1, PAGE, PAGE + 1]))
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(lengths, min_size=1, max_size=40),
+           st.one_of(st.integers(0, 20 * PAGE), st.sampled_from([0, PAGE - 1, PAGE])))
+    def check(sizes: list[int], offset: int) -> None:
+        lines = [b"x" * (n - 1) + b"\n" for n in sizes]
+        expected, at = [], offset
+        for k, line in enumerate(lines):
+            padded = _pad(line, at, len(lines[k + 1]) if k + 1 < len(lines) else 0)
+            expected.append(padded)
+            at += len(padded)
+        assert _layout(lines, offset) == expected
+
+    check()

@@ -52,3 +52,21 @@ def test_docs_events_md_is_generated_from_the_schema() -> None:
     committed = (ROOT / "docs" / "events.md").read_text()
     assert committed == render_markdown(), (
         "docs/events.md is stale: run python -m vkick.obs.tracepoints > docs/events.md")
+
+
+def test_every_event_is_defined_once_and_every_emit_site_names_a_defined_event() -> None:
+    """No event name is defined twice in tracepoints.py (a dict would silently keep the
+    last), and every ``emit("name", …)`` in vkick/ names a defined event — also the emit
+    sites the test runs above never reach."""
+    import re  # noqa: PLC0415
+
+    source = (ROOT / "vkick" / "obs" / "tracepoints.py").read_text()
+    defined = re.findall(r'_ev\(\s*"([a-z0-9_]+)"', source)
+    assert len(defined) == len(set(defined)) == len(EVENTS)
+    emitted: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "vkick").rglob("*.py")):
+        for name in re.findall(r'\.emit\(\s*"([A-Za-z0-9_]+)"', path.read_text()):
+            emitted.setdefault(name, []).append(str(path.relative_to(ROOT)))
+    assert emitted, "no emit sites found"
+    unknown = {name: where for name, where in emitted.items() if name not in EVENTS}
+    assert unknown == {}

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from vkick.obs.invariants import InvariantChecker
+from vkick.obs.jsonl import ReadReport, expand_logs, read_events
+from vkick.obs.stats import RunStats
 
 
 def add_parser(sub: Any) -> None:
@@ -18,26 +24,27 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
-def main(args: argparse.Namespace) -> int:
-    import sys  # noqa: PLC0415
+def analyze(paths: Iterable[str | Path]) -> tuple[dict[str, Any], ReadReport]:
+    """Stream ``paths`` through the run's consumers (statistics, invariant oracle) and
+    return ``vkick run --json``'s summary (with ``violations``) and what was skipped.
 
-    from vkick.obs.invariants import InvariantChecker  # noqa: PLC0415
-    from vkick.obs.jsonl import (  # noqa: PLC0415
-        ReadReport,
-        expand_logs,
-        read_events,
-    )
-    from vkick.obs.stats import RunStats  # noqa: PLC0415
-
-    args.logs = expand_logs(args.logs)
+    Memory is bounded by the consumers' state (histograms, counters, the traces of the
+    interrupts in flight), not by the log's length.
+    """
     stats = RunStats()
     checker = InvariantChecker()
     report = ReadReport()
-    for record in read_events(args.logs, report):
+    for record in read_events(paths, report):
         stats(record)
         checker(record)
     summary = stats.to_json()
     summary["violations"] = [v.to_json() for v in checker.violations]
+    return summary, report
+
+
+def main(args: argparse.Namespace) -> int:
+    logs = expand_logs(args.logs)
+    summary, report = analyze(logs)
     if args.json:
         summary = {**summary, "bad_lines": [
             {"file": f, "line": n, "reason": r} for f, n, r in report.bad]}
@@ -47,10 +54,72 @@ def main(args: argparse.Namespace) -> int:
 
         from vkick.cli.run import summary_table  # noqa: PLC0415
 
-        names = ", ".join(str(p) for p in args.logs)
-        Console(highlight=False).print(summary_table(summary, f"vkick analyze — {names}"))
-        for v in checker.violations:
-            print(f"violation {v.invariant}: {v.detail}", file=sys.stderr)
+        console = Console(highlight=False)
+        names = ", ".join(str(p) for p in logs)
+        console.print(summary_table(summary, f"vkick analyze — {names}"))
+        for table in detail_tables(summary):
+            console.print(table)
+        for v in summary["violations"]:
+            print(f"violation {v['invariant']}: {v['detail']}", file=sys.stderr)
+            for rec in v["trace"]:
+                print(f"    t={rec['t']} {rec['ev']} "
+                      + " ".join(f"{k}={val}" for k, val in rec.items()
+                                 if k not in ("t", "ev", "seq")), file=sys.stderr)
         for f, n, r in report.bad:
             print(f"{f}:{n}: skipped: {r}", file=sys.stderr)
-    return 1 if checker.violations else 0
+    return 1 if summary["violations"] else 0
+
+
+def detail_tables(summary: dict[str, Any]) -> list[Any]:
+    """The parts of the summary the overview table leaves out: latency percentiles per
+    path, per vCPU and per queue, the coalescing ratio, guest IPIs by vector, the
+    interrupt rate over time."""
+    from rich.table import Table  # noqa: PLC0415
+
+    lat = Table(title="signal → handler latency (ns)")
+    for col in ("by", "key", "count", "p50", "p90", "p99", "max"):
+        lat.add_column(col, justify="left" if col in ("by", "key") else "right")
+    groups = [("path", summary["latency_ns_by_path"]),
+              ("vCPU", {k: v["latency_ns"] for k, v in summary["per_vcpu"].items()}),
+              ("queue", summary["latency_ns_by_queue"])]
+    for by, table in groups:
+        for key, h in table.items():
+            lat.add_row(by, key, *(str(h[c]) for c in ("count", "p50", "p90", "p99", "max")))
+    misc = Table(title="coalescing and guest IPIs")
+    misc.add_column("metric")
+    misc.add_column("value", justify="right")
+    misc.add_row("coalescing ratio (coalesced / signalled)", f"{summary['coalescing_ratio']}")
+    for vec, n in summary["guest_ipis"].items():
+        misc.add_row(f"guest IPI {vec}", str(n))
+    rate = Table(title="delivered interrupts over time")
+    rate.add_column("from (ns)", justify="right")
+    rate.add_column("delivered", justify="right")
+    rate.add_column("")
+    buckets = summary["rate"]
+    rows = _coarsen(buckets, 20)
+    peak = max((b["delivered"] / b["width"] for b in rows), default=0)
+    for b in rows:
+        bar = "█" * round(20 * b["delivered"] / b["width"] / max(peak, 1e-9))
+        rate.add_row(str(b["t_ns"]), str(b["delivered"]), bar)
+    return [lat, misc, rate]
+
+
+def _coarsen(buckets: list[dict[str, int]], rows: int) -> list[dict[str, int]]:
+    """At most ``rows`` rows over the whole time range (empty buckets count as 0):
+    ``width`` consecutive rate buckets per row."""
+    if not buckets:
+        return []
+    from vkick.obs.stats import RATE_BUCKET_NS  # noqa: PLC0415
+
+    by_t = {b["t_ns"]: b["delivered"] for b in buckets}
+    first, last = buckets[0]["t_ns"], buckets[-1]["t_ns"]
+    n = (last - first) // RATE_BUCKET_NS + 1
+    step = -(-n // rows)
+    out = []
+    for i in range(0, n, step):
+        t0 = first + i * RATE_BUCKET_NS
+        width = min(step, n - i)
+        out.append({"t_ns": t0, "width": width,
+                    "delivered": sum(by_t.get(t0 + k * RATE_BUCKET_NS, 0)
+                                     for k in range(width))})
+    return out

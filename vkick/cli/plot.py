@@ -10,8 +10,9 @@ from typing import Any
 def add_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "plot", help="plot latency CDFs per path and the interrupt rate (PNG)",
-        description="Read a debug-level log and write a PNG: signal → handler latency CDF "
-        "per delivery path (log-scale x) and delivered interrupts per second over time.")
+        description="Read a log (info level is enough) and write a PNG: signal → handler "
+        "latency CDF per delivery path (log-scale x) and delivered interrupts per second "
+        "over time.")
     p.add_argument("logs", nargs="+", type=Path, metavar="LOG", help="log files, in order")
     p.add_argument("-o", "--output", type=Path, default=Path("latency.png"),
                    help="PNG to write (default latency.png)")

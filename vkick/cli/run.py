@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     import anyio  # noqa: PLC0415
     from rich.console import Console  # noqa: PLC0415
 
-    from vkick.host import Host, self_check  # noqa: PLC0415
+    from vkick.host import Host  # noqa: PLC0415
     from vkick.scenario.config import load_config  # noqa: PLC0415
 
     cfg, source = load_config(args.config)
@@ -77,15 +77,7 @@ def main(args: argparse.Namespace) -> int:
     if not console.is_terminal:
         console = Console(highlight=False, width=132)  # logs and pipes: no wrapping
     if args.self_check:
-        diff = anyio.run(lambda: self_check(cfg, source=source, **{
-            k: v for k, v in overrides.items() if k not in ("log", "log_level",
-                                                             "log_max_bytes")}))
-        seed = overrides.get("seed", cfg.run.seed)
-        if diff is None:
-            console.print(f"self-check: seed {seed} gives the same event stream twice")
-            return 0
-        console.print(f"self-check FAILED for seed {seed}: {diff}", markup=False)
-        return 1
+        return _self_check(args, cfg, console)
     host = Host(cfg, source=source, **overrides)
 
     async def run() -> Any:
@@ -109,6 +101,27 @@ def main(args: argparse.Namespace) -> int:
             console.print(f"[red]violation[/] {v.invariant}: {v.detail} "
                           f"(reproduce: {result.reproduce()})", markup=True)
     return 0 if result.ok else 1
+
+
+def _self_check(args: argparse.Namespace, cfg: Any, console: Any) -> int:
+    """Run the seed twice, each in its own interpreter with a different str hash salt, and
+    compare the two debug-level event logs byte for byte (vkick/runtime/selfcheck.py)."""
+    from vkick.runtime.selfcheck import self_check_across_processes, vkick_command  # noqa: PLC0415
+
+    argv = ["run"] + ([str(args.config)] if args.config is not None else [])
+    seed = cfg.run.seed if args.seed is None else args.seed
+    argv += ["--seed", str(seed)]
+    if args.duration is not None:
+        argv += ["--duration", args.duration]
+    if args.policy is not None:
+        argv += ["--policy", args.policy]
+    diff = self_check_across_processes(vkick_command(*argv))
+    if diff is None:
+        console.print(f"self-check: seed {seed} gives the same event stream twice (two "
+                      "interpreters, different hash salts)")
+        return 0
+    console.print(f"self-check FAILED for seed {seed}: {diff}", markup=False)
+    return 1
 
 
 async def _progress(host: Any) -> None:

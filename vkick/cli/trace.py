@@ -10,9 +10,11 @@ from typing import Any
 def add_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "trace", help="write a Perfetto / Chrome trace (JSON) of a debug-level log",
-        description="Tracks per vCPU (guest / halted slices), physical CPU, workqueue and "
-        "interrupt source, with a flow arrow from each interrupt's source to its handler. "
-        "Open the output in ui.perfetto.dev or chrome://tracing.")
+        description="Tracks per vCPU (guest / host / halted slices), physical CPU (loaded "
+        "vCPU, IPIs), vhost worker, kworker and signalled eventfd, with a flow arrow from "
+        "each interrupt's source (vhost_signal, eventfd signal, MSI, guest IPI) to the "
+        "slice where the guest took it.  Open the output in ui.perfetto.dev or "
+        "chrome://tracing.")
     p.add_argument("logs", nargs="+", type=Path, metavar="LOG", help="log files, in order")
     p.add_argument("-o", "--output", type=Path, required=True, help="trace file to write")
 
@@ -27,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
         expand_logs,
         read_events,
     )
-    from vkick.obs.perfetto import export_trace, validate_trace  # noqa: PLC0415
+    from vkick.obs.perfetto import export_trace, flow_count, validate_trace  # noqa: PLC0415
 
     args.logs = expand_logs(args.logs)
     report = ReadReport()
@@ -36,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
     if problems:  # pragma: no cover - the exporter only writes valid traces
         raise RuntimeError(f"invalid trace: {problems[:3]}")
     args.output.write_bytes(orjson.dumps(trace))
-    flows = sum(1 for e in trace["traceEvents"] if e["ph"] == "s")
+    flows = flow_count(trace)
     print(f"wrote {args.output}: {len(trace['traceEvents'])} trace events, {flows} flows")
     for f, n, r in report.bad:
         print(f"{f}:{n}: skipped: {r}", file=sys.stderr)

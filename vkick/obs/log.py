@@ -8,14 +8,16 @@ the event stream, so one reader handles both.
 
 The per-interrupt event stream does not go through structlog: a fully configured structlog
 event costs microseconds (bench/bench_log.py), so :class:`vkick.obs.jsonl.JsonlWriter`
-encodes those records with orjson directly (docs/performance.md).
+encodes those records with orjson directly (docs/performance.md).  Give that writer as the
+``file`` and structlog's records join the event log in call order, under the writer's
+rules (whole lines, name/level filter, rotation): one file, one reader.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, MutableMapping
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol, cast
 
 import orjson
 import structlog
@@ -36,9 +38,19 @@ def _rename_event(_logger: Any, _method: str,
     return event_dict
 
 
-def configure_logging(*, level: str = "info", file: BinaryIO | None = None,
+class BytesSink(Protocol):
+    """What structlog's bytes logger writes to: a binary file or a ``JsonlWriter``."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
+def configure_logging(*, level: str = "info", file: BytesSink | None = None,
                       clock: Callable[[], int] | None = None) -> None:
-    """Configure structlog for vkick (call once per process; later calls replace it)."""
+    """Configure structlog for vkick (call once per process, e.g. with a run's
+    ``JsonlWriter`` and ``rt.now_ns``; a later call replaces the configuration for loggers
+    not yet used — ``cache_logger_on_first_use``)."""
     global _clock
     if clock is not None:
         _clock = clock
@@ -52,7 +64,7 @@ def configure_logging(*, level: str = "info", file: BinaryIO | None = None,
             _rename_event,  # message under "msg"
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
-        logger_factory=structlog.BytesLoggerFactory(file),
+        logger_factory=structlog.BytesLoggerFactory(cast("BinaryIO | None", file)),
     )
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-RATE_BUCKET_NS = 100_000
+from vkick.obs.stats import RATE_BUCKET_NS  # the same buckets as the run's summary
 
 
 def collect(records: Iterable[dict[str, Any]]) -> tuple[dict[str, list[int]], Counter[int]]:
@@ -24,6 +24,14 @@ def collect(records: Iterable[dict[str, Any]]) -> tuple[dict[str, list[int]], Co
         elif ev == "vkick_guest_irq":
             rate[rec["t"] // RATE_BUCKET_NS] += 1
     return latencies, rate
+
+
+def rate_series(rate: Counter[int]) -> tuple[list[float], list[float]]:
+    """Emulated ms and deliveries per second, bucket by bucket from the first to the last
+    (an empty bucket is 0, so a pause shows as a dip rather than a line across it)."""
+    xs = list(range(min(rate), max(rate) + 1)) if rate else []
+    return ([b * RATE_BUCKET_NS / 1e6 for b in xs],
+            [rate.get(b, 0) / (RATE_BUCKET_NS / 1e9) for b in xs])
 
 
 def plot_latency(records: Iterable[dict[str, Any]], out_png: str | Path) -> Path:
@@ -46,9 +54,7 @@ def plot_latency(records: Iterable[dict[str, Any]], out_png: str | Path) -> Path
     ax1.set_title("latency CDF per path")
     if latencies:
         ax1.legend(fontsize="small")
-    xs = sorted(rate)
-    ax2.plot([b * RATE_BUCKET_NS / 1e6 for b in xs],
-             [rate[b] / (RATE_BUCKET_NS / 1e9) for b in xs])
+    ax2.plot(*rate_series(rate))
     ax2.set_xlabel("emulated time (ms)")
     ax2.set_ylabel("delivered interrupts / s")
     ax2.set_title("interrupt rate")

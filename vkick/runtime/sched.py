@@ -18,27 +18,36 @@ Design notes (the rules a policy must keep; they do not come from the kernel):
 from __future__ import annotations
 
 import asyncio
-import functools
 import random
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
-class _Done:
-    """An awaitable that completes at once without yielding to the loop.
+class _NoLoop:
+    """The loop of :data:`DONE`: a completed future never schedules a callback, so it
+    needs none (``asyncio.Future`` only asks its loop for ``get_debug`` at creation)."""
 
-    NOTE: ``__await__`` is a C-level callable returning an empty tuple iterator, so an
-    ``await DONE`` costs ~50 ns; Python-level ``__await__``/``__next__`` raising
-    StopIteration cost ~220 ns more per preemption point (bench/bench_runtime.py).
-    """
-
-    __slots__ = ()
-
-    __await__ = functools.partial(iter, ())  # not a descriptor: called without self
+    def get_debug(self) -> bool:
+        return False
 
 
-DONE: Awaitable[None] = _Done()
+def _done_future() -> asyncio.Future[None]:
+    fut: asyncio.Future[None] = asyncio.Future(loop=_NoLoop())  # type: ignore[arg-type]  # see _NoLoop
+    fut.set_result(None)
+    return fut
+
+
+DONE: Awaitable[None] = _done_future()
+"""An awaitable that completes at once without yielding to the loop, on any loop.
+
+NOTE: a completed C ``asyncio.Future``: ``await DONE`` runs the C future iterator, which
+returns the result without suspending (~15 ns over the call that produced it); a class
+whose ``__await__`` returns ``iter(())`` costs ~40 ns, Python-level ``__await__`` /
+``__next__`` ~250 ns more per preemption point (bench/bench_runtime.py).  Nothing may
+add a callback to it or change it (it is done: ``set_result`` raises, ``cancel`` is a
+no-op), and awaiting a done future never consults its loop.
+"""
 
 
 @dataclass(frozen=True, slots=True)

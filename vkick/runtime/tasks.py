@@ -202,9 +202,28 @@ class Runtime:
             raise
         except Exception as exc:
             t = self.now_ns()
-            raise EmulationError(
+            err = EmulationError(
                 f"task {name!r} failed at t={t} ns: {type(exc).__name__}: {exc}",
-                task=name, t_ns=t, seed=self.seed) from exc
+                task=name, t_ns=t, seed=self.seed)
+            err.__cause__ = exc
+            self._fail(err)
+            self._stop_all()
+            raise err from exc
+
+    def _stop_all(self) -> None:
+        """Cancel every other task *now*, so none takes another step after a failure.
+
+        anyio's own cancellation skips a task whose wait already completed (its next step
+        is queued) and retries a loop turn later, so that step would still run — emitting
+        events after the failure, at the failure's emulated time.  A plain
+        ``Task.cancel()`` throws CancelledError into that queued step instead.  The task
+        group then unwinds as usual and re-raises the failure.
+        """
+        current = asyncio.current_task(self.loop)
+        for task in _by_name(asyncio.all_tasks(self.loop)):
+            if task is not current and task is not self._root and not task.done() and (
+                    task.get_name() != "vkick-wait"):
+                task.cancel()
 
     def call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         """Run ``fn(*args)`` on the loop until it returns, a task fails, or deadlock."""
@@ -286,10 +305,15 @@ class Runtime:
         self._closed = True
         root = self._root
         if root is not None and not root.done():
+            # Cancel the tasks in name order first: anyio would walk its set of tasks, an
+            # order that differs from run to run (their unwinding could emit events).
+            for task in _by_name(asyncio.all_tasks(self.loop)):
+                if task is not root and not task.done():
+                    task.cancel()
             root.cancel()
             with contextlib.suppress(BaseException):
                 self.loop.run_until_complete(root)
-        leftovers = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+        leftovers = [t for t in _by_name(asyncio.all_tasks(self.loop)) if not t.done()]
         for t in leftovers:
             t.cancel()
         if leftovers:
@@ -297,6 +321,11 @@ class Runtime:
                 self.loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
+
+
+def _by_name(tasks: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+    """Tasks in a reproducible order (a set's order follows their addresses)."""
+    return sorted(tasks, key=lambda t: t.get_name())
 
 
 def _where(task: asyncio.Task[Any]) -> str:
