@@ -56,7 +56,7 @@ async def _signaller(rt: Runtime, ctx: EventfdCtx, rate_pps: float, until_ns: in
 
 
 async def _demo(rt: Runtime, cfg: DemoConfig) -> None:
-    kvm = build_vm(rt, nr_vcpus=cfg.vcpus, apicv=cfg.apicv, x2apic=False, eoi_auto=True,
+    kvm = await build_vm(rt, nr_vcpus=cfg.vcpus, apicv=cfg.apicv, x2apic=False, eoi_auto=True,
                    handler_ns=cfg.handler_ns)
     await kvm_set_irq_routing_sync(
         kvm, [MsiRoute(i, 0xFEE00000 | (i << 12), 0x41 + i) for i in range(cfg.vcpus)])

@@ -40,7 +40,7 @@ def run_tx(apicv: bool, event_idx: bool, packets: int, seed: int = 0,
     gvq = Virtqueue(ring, event_idx=event_idx)
 
     async def main() -> None:
-        kvm = build_vm(rt, nr_vcpus=1, apicv=apicv, x2apic=False, eoi_auto=True,
+        kvm = await build_vm(rt, nr_vcpus=1, apicv=apicv, x2apic=False, eoi_auto=True,
                        handler_ns=300)
         vcpu = kvm.vcpus[0]
         await kvm_set_irq_routing_sync(kvm, [MsiRoute(1, 0xFEE00000, 0x41)])
