@@ -60,7 +60,8 @@ def kvm_create_vm(rt: Runtime, name: str = "vm0", *, apicv: bool = True,
 
 
 def kvm_get_vcpu_by_id(kvm: Kvm, vcpu_id: int) -> KvmVcpu | None:
-    """include/linux/kvm_host.h: kvm_get_vcpu_by_id — the visible vCPU with this id."""
+    """include/linux/kvm_host.h: kvm_get_vcpu_by_id  [any context] — the visible vCPU, or None.
+    """
     for vcpu in kvm.vcpus:
         if vcpu.vcpu_id == vcpu_id:
             return vcpu

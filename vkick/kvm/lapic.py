@@ -496,7 +496,9 @@ def kvm_apic_accept_events(vcpu: KvmVcpu) -> None:
 
 
 def kvm_apic_set_xapic_id(apic: KvmLapic, id_: int) -> None:
-    """arch/x86/kvm/lapic.c: kvm_apic_set_xapic_id — APIC_ID = (u8)id << 24, map DIRTY.
+    """arch/x86/kvm/lapic.c: kvm_apic_set_xapic_id  [vCPU thread or ioctl]
+
+    APIC_ID = (u8)id << 24, map DIRTY.
 
     The ID is a u8: a vCPU id above 255 wraps around in the xAPIC ID (the map keeps such a
     vCPU under its x2APIC ID as well, spec §10.2 5b–c).
@@ -506,28 +508,33 @@ def kvm_apic_set_xapic_id(apic: KvmLapic, id_: int) -> None:
 
 
 def kvm_apic_set_ldr(apic: KvmLapic, id_: int) -> None:
-    """arch/x86/kvm/lapic.c: kvm_apic_set_ldr — store APIC_LDR, map DIRTY."""
+    """arch/x86/kvm/lapic.c: kvm_apic_set_ldr  [vCPU thread] — store APIC_LDR, map DIRTY."""
     apic.ldr = id_
     apic.vcpu.kvm.arch.apic_map_dirty = APIC_MAP_DIRTY  # atomic_set_release
 
 
 def kvm_apic_set_dfr(apic: KvmLapic, val: int) -> None:
-    """arch/x86/kvm/lapic.c: kvm_apic_set_dfr — store APIC_DFR, map DIRTY."""
+    """arch/x86/kvm/lapic.c: kvm_apic_set_dfr  [vCPU thread] — store APIC_DFR, map DIRTY."""
     apic.dfr = val
     apic.vcpu.kvm.arch.apic_map_dirty = APIC_MAP_DIRTY  # atomic_set_release
 
 
 def kvm_apic_set_x2apic_id(apic: KvmLapic, id_: int) -> None:
-    """arch/x86/kvm/lapic.c: kvm_apic_set_x2apic_id — APIC_ID = id (the vCPU id), the LDR
-    derived from it (cluster 31:16, bit 15:0), map DIRTY."""
+    """arch/x86/kvm/lapic.c: kvm_apic_set_x2apic_id  [vCPU thread or ioctl]
+
+    APIC_ID = id (the vCPU id), the LDR derived from it (cluster 31:16, bit 15:0), map DIRTY.
+    """
     apic.id = id_
     apic.ldr = kvm_apic_calc_x2apic_ldr(id_)
     apic.vcpu.kvm.arch.apic_map_dirty = APIC_MAP_DIRTY  # atomic_set_release
 
 
 def apic_set_spiv(apic: KvmLapic, val: int) -> None:
-    """arch/x86/kvm/lapic.c: apic_set_spiv — store SPIV; a software-enable change marks the
-    map DIRTY (a software-disabled APIC has no logical entry, spec §10.2 5d)."""
+    """arch/x86/kvm/lapic.c: apic_set_spiv  [vCPU thread or ioctl]
+
+    Store SPIV; a software-enable change marks the map DIRTY (a software-disabled APIC has no
+    logical entry, spec §10.2 5d).
+    """
     enabled = bool(val & APIC_SPIV_APIC_ENABLED)
     apic.spiv = val
     if enabled != apic.sw_enabled:
@@ -679,7 +686,7 @@ def kvm_lapic_set_base(vcpu: KvmVcpu, value: int) -> None:
 
 
 def kvm_lapic_get_base(vcpu: KvmVcpu) -> int:
-    """arch/x86/kvm/lapic.c: kvm_lapic_get_base — the APIC base MSR value."""
+    """arch/x86/kvm/lapic.c: kvm_lapic_get_base  [any context] — the APIC base MSR value."""
     apic = vcpu.arch.apic
     assert apic is not None
     return (APIC_DEFAULT_PHYS_BASE | (MSR_IA32_APICBASE_ENABLE if apic.hw_enabled else 0)
@@ -687,8 +694,11 @@ def kvm_lapic_get_base(vcpu: KvmVcpu) -> int:
 
 
 def kvm_apic_update_apicv(vcpu: KvmVcpu) -> None:
-    """arch/x86/kvm/lapic.c: kvm_apic_update_apicv — with APICv ``irr_pending`` is always
-    true and ``isr_count`` pinned to 1; without, both are recomputed from IRR/ISR."""
+    """arch/x86/kvm/lapic.c: kvm_apic_update_apicv  [vCPU thread]
+
+    With APICv ``irr_pending`` is always true and ``isr_count`` pinned to 1; without, both
+    are recomputed from IRR/ISR.
+    """
     apic = vcpu.arch.apic
     assert apic is not None
     if vcpu.arch.apicv_active:
@@ -736,9 +746,11 @@ async def kvm_lapic_reset(vcpu: KvmVcpu, init_event: bool = False) -> None:
 
 
 def kvm_apic_state_fixup(vcpu: KvmVcpu, s: KvmLapicState, set_: bool) -> int:
-    """arch/x86/kvm/lapic.c: kvm_apic_state_fixup — x2APIC mode: the ID is the vCPU id with
-    the 32-bit-ID API (anything else is -EINVAL), else userspace sees it shifted into bits
-    31:24; on set the LDR is derived from the ID."""
+    """arch/x86/kvm/lapic.c: kvm_apic_state_fixup  [vCPU ioctl]
+
+    In x2APIC mode the ID is the vCPU id with the 32-bit-ID API (anything else is -EINVAL),
+    else userspace sees it shifted into bits 31:24; on set the LDR is derived from the ID.
+    """
     apic = vcpu.arch.apic
     assert apic is not None
     if apic.x2apic_mode:

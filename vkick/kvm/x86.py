@@ -444,7 +444,7 @@ async def kvm_vcpu_reset(vcpu: KvmVcpu, init_event: bool) -> None:
 
 
 async def kvm_set_apic_base(vcpu: KvmVcpu, value: int, *, host_initiated: bool) -> int:
-    """arch/x86/kvm/x86.c: kvm_set_apic_base (WRMSR IA32_APIC_BASE, KVM_SET_SREGS)
+    """arch/x86/kvm/x86.c: kvm_set_apic_base  [vCPU thread: WRMSR, KVM_SET_SREGS]
 
     Rejects x2APIC without the global enable, and from the guest the architecturally
     illegal transitions x2APIC → xAPIC and disabled → x2APIC; else kvm_lapic_set_base and
@@ -469,7 +469,7 @@ async def kvm_set_apic_base(vcpu: KvmVcpu, value: int, *, host_initiated: bool) 
 
 
 def kvm_arch_vcpu_ioctl_set_mpstate(vcpu: KvmVcpu, mp_state: MpState) -> int:
-    """arch/x86/kvm/x86.c: kvm_arch_vcpu_ioctl_set_mpstate (KVM_SET_MP_STATE)
+    """arch/x86/kvm/x86.c: kvm_arch_vcpu_ioctl_set_mpstate  [vCPU ioctl: KVM_SET_MP_STATE]
 
     SIPI_RECEIVED becomes INIT_RECEIVED with a SIPI latched; any other state is stored;
     KVM_REQ_EVENT.  The VMM uses it to start a restored (already booted) vCPU RUNNABLE.
