@@ -89,7 +89,7 @@ def run_busy(vcpus: int, apicv: bool, n_signals: int = SIGNALS_PER_RUN) -> dict[
         vcpu.guest.actions.extend([("work", 10_000_000), ("call", busy)])
 
     async def main() -> None:
-        kvm = build_vm(rt, nr_vcpus=vcpus, apicv=apicv, x2apic=False, eoi_auto=True)
+        kvm = await build_vm(rt, nr_vcpus=vcpus, apicv=apicv, x2apic=False, eoi_auto=True)
         await kvm_set_irq_routing_sync(
             kvm, [MsiRoute(i, 0xFEE00000 | i << 12, 0x41) for i in range(vcpus)])
         ctxs = []

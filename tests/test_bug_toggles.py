@@ -52,7 +52,7 @@ def worst_latency(seed: int, toggles: frozenset[str], exit_every_ns: int,
     rt.bus.subscribe(sink)
 
     async def main() -> None:
-        kvm = build_vm(rt, nr_vcpus=1, apicv=apicv, x2apic=False, eoi_auto=True,
+        kvm = await build_vm(rt, nr_vcpus=1, apicv=apicv, x2apic=False, eoi_auto=True,
                        toggles=toggles)
         vcpu = kvm.vcpus[0]
         vcpu.guest.idle_halt = False

@@ -101,6 +101,7 @@ class Ledger:
 
 
 def _check_invariants(outcome: Outcome, ledger: Ledger, label: str) -> None:
+    assert not outcome.checkpoint_diffs, f"{label}: {outcome.checkpoint_diffs}"
     assert not ledger.sourceless, f"{label}: delivery without a source: {ledger.sourceless}"
     twice = [i for i, n in ledger.satisfied.items() if n > 1]
     assert not twice, f"{label}: sources satisfied twice: {twice}"

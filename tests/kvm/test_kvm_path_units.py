@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,7 +62,8 @@ def rt() -> Iterator[Runtime]:
 
 def _vm(rt: Runtime, n: int = 2, apicv: bool = False) -> Kvm:
     """A VM whose vCPU threads are not running (as between ioctls)."""
-    kvm = build_vm(rt, nr_vcpus=n, apicv=apicv, x2apic=False, eoi_auto=True)
+    kvm: Kvm = rt.call(functools.partial(build_vm, rt, nr_vcpus=n, apicv=apicv,
+                                         x2apic=False, eoi_auto=True))
     for v in kvm.vcpus:
         v.cpu = v.home_cpu
     return kvm
@@ -308,7 +310,7 @@ def test___apic_accept_irq_drops_fixed_for_a_software_disabled_apic(rt: Runtime)
     kvm = _vm(rt, n=1)
     apic = kvm.vcpus[0].arch.apic
     assert apic is not None
-    lapic.kvm_lapic_reg_write(apic, APIC_SPIV, 0xFF)
+    _call(rt, lapic.kvm_lapic_reg_write, apic, APIC_SPIV, 0xFF)
     assert lapic.__apic_accept_irq(apic, APIC_DM_FIXED, 0x41, True, 0) == 0
     assert apic.irr == 0
 
@@ -344,7 +346,7 @@ def test_kvm_send_userspace_msi_logical_flat_reaches_the_matching_set(rt: Runtim
     kvm = _vm(rt, n=3)
     for i, v in enumerate(kvm.vcpus):
         assert v.arch.apic is not None
-        lapic.kvm_lapic_reg_write(v.arch.apic, APIC_LDR, (1 << i) << 24)
+        _call(rt, lapic.kvm_lapic_reg_write, v.arch.apic, APIC_LDR, (1 << i) << 24)
     assert kvm_send_userspace_msi(kvm, 0xFEE05004, 0x61) == 2  # mask 0b101
     assert [_irr(v) == 1 << 0x61 for v in kvm.vcpus] == [True, False, True]
 
@@ -369,7 +371,8 @@ def test_ioeventfd_write_signals_only_on_a_matching_access(rt: Runtime) -> None:
 def test_x2apic_icr_fastpath_sends_with_the_sender_still_in_guest_mode(rt: Runtime) -> None:
     from vkick.kvm.x86 import handle_fastpath_set_x2apic_icr_irqoff  # noqa: PLC0415
 
-    kvm = build_vm(rt, nr_vcpus=2, apicv=False, x2apic=True, eoi_auto=True)
+    kvm: Kvm = rt.call(functools.partial(build_vm, rt, nr_vcpus=2, apicv=False,
+                                         x2apic=True, eoi_auto=True))
     sender, target = kvm.vcpus
     sender.mode = IN_GUEST_MODE
     modes: list[Any] = []

@@ -4,7 +4,7 @@ One VM, vCPUs created but never run (no vCPU task is started), APICv off. Usersp
 onto the model's kernel-named entry points:
 
 - VM / vCPU creation → `kvm_main.kvm_create_vm(rt, name, apicv=False)`,
-  `kvm_main.kvm_vm_ioctl_create_vcpu(kvm, id)`;
+  `await kvm_main.kvm_vm_ioctl_create_vcpu(kvm, id)`;
 - KVM_SET_LAPIC of one register → `lapic.kvm_lapic_reg_write(apic, reg, val)` (the guest's
   write path; the differential test only feeds canonical values, for which both agree);
 - KVM_SIGNAL_MSI → `irq_comm.kvm_send_userspace_msi(kvm, address_lo, data)`;
@@ -41,7 +41,7 @@ class ModelSide:
         self.rt = Runtime(seed=0)
         self.kvm: Kvm = kvm_create_vm(self.rt, "vm0", apicv=False)
         for i in range(nr_vcpus):
-            kvm_vm_ioctl_create_vcpu(self.kvm, i)
+            self._run(kvm_vm_ioctl_create_vcpu, self.kvm, i)
         for i in range(nr_vcpus):
             self._run(kvm_lapic_reg_write, self._apic(i), APIC_SPIV, 0x1FF)
         self.efds: dict[int, EventfdCtx] = {}

@@ -446,3 +446,22 @@ def test_kvm_lowest_prio_delivery_redir_hint_on_fixed_logical(vm4: k.Vm) -> None
         assert vm4.signal_msi(k.msi_address(0xF, logical=True, redir_hint=True),
                               k.msi_data(vec)) == 1
     assert k.irr_all(vm4) == [{0x40}, {0x41}, {0x42}, set()]
+
+
+def test_kvm_vm_ioctl_create_vcpu_enters_the_apic_map_with_the_next_recalculation() -> None:
+    """KVM_CREATE_VCPU recalculates the map before the new vCPU is visible: an NMI MSI to it
+    reaches nobody (0) until a later recalculation — the next vCPU's creation, or any
+    KVM_SET_LAPIC (which forces one, even with unchanged registers).  The model shows the
+    same sequence (tests/kvm/test_apic_map.py)."""
+    nmi = 0x400  # delivery mode NMI: accepted with SVR 0xFF
+    vm = k.create_vm(2, enable=False)
+    try:
+        assert vm.signal_msi(k.msi_address(1), nmi) == 0  # last created: not in the map
+        assert vm.signal_msi(k.msi_address(0), nmi) == 1
+        v2 = vm.create_vcpu(2)
+        assert vm.signal_msi(k.msi_address(1), nmi) == 1  # vCPU 2's creation rebuilt it
+        assert vm.signal_msi(k.msi_address(2), nmi) == 0
+        v2.set_lapic(v2.get_lapic())
+        assert vm.signal_msi(k.msi_address(2), nmi) == 1
+    finally:
+        vm.close()

@@ -13,6 +13,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, NewType
 
+from vkick.kernel.mutex import Mutex
+
 if TYPE_CHECKING:
     from vkick.kernel.sched import TaskStruct
     from vkick.runtime.tasks import Runtime
@@ -109,6 +111,12 @@ APIC_DFR_FLAT: Final = 0xFFFFFFFF
 APIC_DFR_CLUSTER: Final = 0x0FFFFFFF
 APIC_SPIV_APIC_ENABLED: Final = 1 << 8
 APIC_BASE_MSR: Final = 0x800
+APIC_DEFAULT_PHYS_BASE: Final = 0xFEE00000
+MSR_IA32_APICBASE: Final = 0x1B
+MSR_IA32_APICBASE_BSP: Final = 1 << 8
+X2APIC_ENABLE: Final = 1 << 10
+MSR_IA32_APICBASE_ENABLE: Final = 1 << 11
+KVM_MAX_VCPU_ID: Final = 1023  # x86 KVM_MAX_VCPU_ID in v5.13 (IDs 0..1022)
 
 KVM_APIC_MODE_XAPIC_CLUSTER: Final = 4
 KVM_APIC_MODE_XAPIC_FLAT: Final = 8
@@ -169,6 +177,25 @@ class KvmLapic:
     x2apic_mode: bool = False  # APIC_BASE X2APIC_ENABLE
     pending_events: int = 0  # 1 << KVM_APIC_INIT | 1 << KVM_APIC_SIPI
     sipi_vector: int = 0
+
+
+@dataclass(slots=True)
+class KvmLapicState:
+    """arch/x86/include/uapi/asm/kvm.h: struct kvm_lapic_state (KVM_GET/SET_LAPIC), as the
+    registers vkick models rather than the 1 KiB page.  ``id`` holds the APIC_ID register as
+    userspace sees it (xAPIC: ID in bits 31:24; x2APIC: the ID itself with the 32-bit-ID
+    API, else ``id << 24``)."""
+
+    id: int = 0
+    tpr: int = 0
+    ldr: int = 0
+    dfr: int = APIC_DFR_FLAT
+    spiv: int = 0xFF
+    icr: int = 0
+    icr2: int = 0
+    irr: int = 0
+    isr: int = 0
+    tmr: int = 0
 
 
 @dataclass(slots=True)
@@ -262,6 +289,7 @@ class KvmArch:
 
     apic_map: Any = None  # lapic_map.KvmApicMap | None, RCU-published
     apic_map_dirty: int = 0  # CLEAN 0, UPDATE_IN_PROGRESS 1, DIRTY 2
+    apic_map_lock: Mutex = field(default_factory=lambda: Mutex("apic_map_lock"))
     x2apic_format: bool = False  # KVM_X2APIC_API_USE_32BIT_IDS
     x2apic_broadcast_quirk_disabled: bool = False
 
@@ -272,7 +300,8 @@ class Kvm:
 
     rt: Runtime
     name: str = "vm0"
-    vcpus: list[KvmVcpu] = field(default_factory=list)
+    vcpus: list[KvmVcpu] = field(default_factory=list)  # kvm->vcpus[0 .. online_vcpus)
+    lock: Mutex = field(default_factory=lambda: Mutex("kvm->lock"))
     arch: KvmArch = field(default_factory=KvmArch)
     irq_routing: Any = None  # irqchip.KvmIrqRoutingTable, RCU-published
     irqfds: list[Any] = field(default_factory=list)  # active KvmKernelIrqfd, in order

@@ -1,16 +1,17 @@
 """virt/kvm/kvm_main.c and include/linux/kvm_host.h: VM and vCPU creation, requests,
 kick / wake / block, vcpu_load / vcpu_put.
 
-Covered: kvm_create_vm, kvm_vm_ioctl_create_vcpu, kvm_make_request, kvm_check_request,
-kvm_test_request, kvm_clear_request, kvm_request_pending, kvm_vcpu_exiting_guest_mode,
-kvm_arch_vcpu_should_kick, kvm_vcpu_kick, kvm_vcpu_wake_up, kvm_vcpu_block,
-kvm_vcpu_check_block, kvm_get_running_vcpu, vcpu_load, vcpu_put (kvm_sched_in/out).
+Covered: kvm_create_vm, kvm_get_vcpu_by_id, kvm_vm_ioctl_create_vcpu, kvm_make_request,
+kvm_check_request, kvm_test_request, kvm_clear_request, kvm_request_pending,
+kvm_vcpu_exiting_guest_mode, kvm_arch_vcpu_should_kick, kvm_vcpu_kick, kvm_vcpu_wake_up,
+kvm_vcpu_block, kvm_vcpu_check_block, kvm_get_running_vcpu, vcpu_load, vcpu_put (kvm_sched_in/out).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import errno
 
 from vkick.hw.cpu import (
     HwHost,
@@ -20,6 +21,7 @@ from vkick.hw.cpu import (
     send_ipi,
     smp_processor_id,
 )
+from vkick.kernel.mutex import mutex_lock, mutex_unlock
 from vkick.kernel.sched import (
     TASK_INTERRUPTIBLE,
     TASK_RUNNING,
@@ -31,6 +33,7 @@ from vkick.kernel.sched import set_current_state as _set_state
 from vkick.kvm.kvm_host import (
     EXITING_GUEST_MODE,
     IN_GUEST_MODE,
+    KVM_MAX_VCPU_ID,
     KVM_REQ_UNBLOCK,
     KVM_REQ_UNHALT,
     KVM_REQUEST_MASK,
@@ -56,28 +59,54 @@ def kvm_create_vm(rt: Runtime, name: str = "vm0", *, apicv: bool = True,
     return kvm
 
 
-def kvm_vm_ioctl_create_vcpu(kvm: Kvm, vcpu_id: int, *, x2apic: bool = False,
-                             cpu: int = -1) -> KvmVcpu:
+def kvm_get_vcpu_by_id(kvm: Kvm, vcpu_id: int) -> KvmVcpu | None:
+    """include/linux/kvm_host.h: kvm_get_vcpu_by_id  [any context] — the visible vCPU, or None.
+    """
+    for vcpu in kvm.vcpus:
+        if vcpu.vcpu_id == vcpu_id:
+            return vcpu
+    return None
+
+
+async def kvm_vm_ioctl_create_vcpu(kvm: Kvm, vcpu_id: int, *, cpu: int = -1) -> KvmVcpu:
     """virt/kvm/kvm_main.c: kvm_vm_ioctl_create_vcpu (KVM_CREATE_VCPU)  [process]
 
-    Creates the vCPU with an in-kernel LAPIC; APICv is active iff the VM enables it.
-    ``cpu`` is the physical CPU the vCPU thread is pinned to.
+    Called from the new vCPU's own thread (as QEMU does), so its TaskStruct is made first.
+    kvm_arch_vcpu_create builds the LAPIC and resets it, which marks the APIC map dirty and
+    recalculates it *before* the vCPU is visible; then, under kvm->lock, the vCPU is
+    stored in kvm->vcpus and online_vcpus incremented.  Nothing recalculates after that:
+    the vCPU enters the map with the next recalculation (KVM_SET_LAPIC forces one).  A
+    rebuild running concurrently may meet the vCPU in its fill loop (bug #11).  ``cpu`` is
+    the physical CPU the thread is pinned to.  Raises OSError(EINVAL) for an id out of
+    range and OSError(EEXIST) for a duplicate, as the ioctl fails.
+    Differs from the kernel: no vCPU fd, run page, dirty ring or created_vcpus count.
     """
-    from vkick.kvm.lapic import kvm_create_lapic  # noqa: PLC0415
-    from vkick.kvm.lapic_map import kvm_recalculate_apic_map  # noqa: PLC0415
+    from vkick.kvm.x86 import kvm_arch_vcpu_create  # noqa: PLC0415
 
-    vcpu = KvmVcpu(kvm=kvm, vcpu_id=vcpu_id, vcpu_idx=len(kvm.vcpus))
-    vcpu.arch.apicv_active = kvm.enable_apicv
-    vcpu.halt_poll_ns = 0
+    if vcpu_id >= KVM_MAX_VCPU_ID:
+        raise OSError(errno.EINVAL, f"KVM_CREATE_VCPU: vcpu id {vcpu_id} out of range")
+    rt = kvm.rt
+    task = TaskStruct(rt, f"{kvm.name}/vcpu{vcpu_id}", cpu)
+    vcpu = KvmVcpu(kvm=kvm, vcpu_id=vcpu_id, vcpu_idx=-1, task=task)  # kvm_vcpu_init
     vcpu.cpu = cpu
     vcpu.home_cpu = cpu
-    kvm_create_lapic(vcpu, x2apic=x2apic)
-    if kvm.enable_apicv:
-        vcpu.arch.apic.irr_pending = True  # type: ignore[union-attr]  # set just above
-        vcpu.arch.apic.isr_count = 1  # type: ignore[union-attr]
-    vcpu.task = TaskStruct(kvm.rt, f"{kvm.name}/vcpu{vcpu_id}", cpu)
+    await kvm_arch_vcpu_create(vcpu)
+    # W-VCPU-create: kvm_arch_vcpu_create (LAPIC reset, map recalculated without this vCPU)
+    # ↔ the vCPU made visible.  Another thread may start a map rebuild here and size it
+    # before this vCPU appears (bug #11).
+    await rt.preempt("W-VCPU-create")
+    await mutex_lock(kvm.lock, task)
+    if kvm_get_vcpu_by_id(kvm, vcpu_id) is not None:
+        mutex_unlock(kvm.lock, task)
+        raise OSError(errno.EEXIST, f"KVM_CREATE_VCPU: vcpu id {vcpu_id} exists")
+    vcpu.vcpu_idx = len(kvm.vcpus)  # atomic_read(&kvm->online_vcpus)
+    # kvm->vcpus[idx] = vcpu; smp_wmb(); atomic_inc(&kvm->online_vcpus)
     kvm.vcpus.append(vcpu)
-    kvm_recalculate_apic_map(kvm)
+    mutex_unlock(kvm.lock, task)
+    # kvm_arch_vcpu_postcreate: TSC synchronisation and kvmclock only (not modelled).
+    bus = rt.bus
+    if bus.on:
+        bus.emit("kvm_vm_ioctl_create_vcpu", vm=kvm.name, vcpu=vcpu_id, idx=vcpu.vcpu_idx)
     return vcpu
 
 

@@ -17,11 +17,14 @@ kvm_apic_send_ipi.  Left out: timers, LVT entries, the IOAPIC/PIC, Hyper-V SynIC
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 from typing import Final
 
 from vkick.hw.apicv import merge_pir_ids
 from vkick.kvm.kvm_host import (
     APIC_BASE_MSR,
+    APIC_DEFAULT_PHYS_BASE,
     APIC_DEST_MASK,
     APIC_DEST_SELF,
     APIC_DFR,
@@ -54,8 +57,11 @@ from vkick.kvm.kvm_host import (
     KVM_REQ_EVENT,
     KVM_REQ_NMI,
     KVM_REQ_SMI,
+    MSR_IA32_APICBASE_ENABLE,
+    X2APIC_ENABLE,
     KvmLapic,
     KvmLapicIrq,
+    KvmLapicState,
     KvmVcpu,
     MpState,
 )
@@ -75,23 +81,21 @@ def _emit_warn(vcpu: KvmVcpu, what: str) -> None:
         bus.emit("vkick_warn", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, what=what)
 
 
-def kvm_create_lapic(vcpu: KvmVcpu, *, x2apic: bool = False) -> KvmLapic:
-    """arch/x86/kvm/lapic.c: kvm_create_lapic + kvm_lapic_reset  [process]
+def kvm_create_lapic(vcpu: KvmVcpu) -> KvmLapic:
+    """arch/x86/kvm/lapic.c: kvm_create_lapic  [process]
 
-    The state of shared/scenarios/FORMAT.md "Initial state": APIC ID = vCPU index, enabled
-    and software-enabled (SVR 0x1FF), TPR 0, DFR flat, LDR 0 (x2APIC: the derived LDR).
-    Differs from the kernel: reset leaves SVR = 0xFF (software-disabled) until the guest
-    enables it; vkick starts from the state a booted guest has set up.
+    A zeroed register page, hardware-enabled (``apic_base`` = MSR_IA32_APICBASE_ENABLE, so
+    that kvm_lapic_set_base sees no change at reset) and software-disabled.  The map is not
+    touched here: kvm_lapic_reset (via kvm_vcpu_reset) sets the reset registers and marks
+    it dirty.
     """
     apic = KvmLapic(vcpu=vcpu)
-    apic.x2apic_mode = x2apic
-    if x2apic:
-        apic.id = vcpu.vcpu_id
-        apic.ldr = kvm_apic_calc_x2apic_ldr(vcpu.vcpu_id)
-    else:
-        apic.id = vcpu.vcpu_id << 24
+    apic.spiv = 0
+    apic.sw_enabled = False
+    apic.dfr = 0
+    apic.hw_enabled = True
+    apic.x2apic_mode = False
     vcpu.arch.apic = apic
-    vcpu.kvm.arch.apic_map_dirty = APIC_MAP_DIRTY
     return apic
 
 
@@ -491,20 +495,75 @@ def kvm_apic_accept_events(vcpu: KvmVcpu) -> None:
 # ---------------------------------------------------------------------------- register writes
 
 
-def kvm_lapic_reg_write(apic: KvmLapic, reg: int, val: int) -> int:
+def kvm_apic_set_xapic_id(apic: KvmLapic, id_: int) -> None:
+    """arch/x86/kvm/lapic.c: kvm_apic_set_xapic_id  [vCPU thread or ioctl]
+
+    APIC_ID = (u8)id << 24, map DIRTY.
+
+    The ID is a u8: a vCPU id above 255 wraps around in the xAPIC ID (the map keeps such a
+    vCPU under its x2APIC ID as well, spec §10.2 5b–c).
+    """
+    apic.id = (id_ & 0xFF) << 24
+    apic.vcpu.kvm.arch.apic_map_dirty = APIC_MAP_DIRTY  # atomic_set_release
+
+
+def kvm_apic_set_ldr(apic: KvmLapic, id_: int) -> None:
+    """arch/x86/kvm/lapic.c: kvm_apic_set_ldr  [vCPU thread] — store APIC_LDR, map DIRTY."""
+    apic.ldr = id_
+    apic.vcpu.kvm.arch.apic_map_dirty = APIC_MAP_DIRTY  # atomic_set_release
+
+
+def kvm_apic_set_dfr(apic: KvmLapic, val: int) -> None:
+    """arch/x86/kvm/lapic.c: kvm_apic_set_dfr  [vCPU thread] — store APIC_DFR, map DIRTY."""
+    apic.dfr = val
+    apic.vcpu.kvm.arch.apic_map_dirty = APIC_MAP_DIRTY  # atomic_set_release
+
+
+def kvm_apic_set_x2apic_id(apic: KvmLapic, id_: int) -> None:
+    """arch/x86/kvm/lapic.c: kvm_apic_set_x2apic_id  [vCPU thread or ioctl]
+
+    APIC_ID = id (the vCPU id), the LDR derived from it (cluster 31:16, bit 15:0), map DIRTY.
+    """
+    apic.id = id_
+    apic.ldr = kvm_apic_calc_x2apic_ldr(id_)
+    apic.vcpu.kvm.arch.apic_map_dirty = APIC_MAP_DIRTY  # atomic_set_release
+
+
+def apic_set_spiv(apic: KvmLapic, val: int) -> None:
+    """arch/x86/kvm/lapic.c: apic_set_spiv  [vCPU thread or ioctl]
+
+    Store SPIV; a software-enable change marks the map DIRTY (a software-disabled APIC has no
+    logical entry, spec §10.2 5d).
+    """
+    enabled = bool(val & APIC_SPIV_APIC_ENABLED)
+    apic.spiv = val
+    if enabled != apic.sw_enabled:
+        apic.sw_enabled = enabled
+        apic.vcpu.kvm.arch.apic_map_dirty = APIC_MAP_DIRTY  # atomic_set_release
+
+
+async def kvm_lapic_reg_write(apic: KvmLapic, reg: int, val: int) -> int:
     """arch/x86/kvm/lapic.c: kvm_lapic_reg_write  [vCPU thread]
 
-    The guest's register writes that matter on this path; every write ends with
-    kvm_recalculate_apic_map (a no-op unless the map is dirty).  Spec §11.12.
+    The guest's register writes that matter on this path (ID, LDR and DFR only in xAPIC
+    mode; SPIV; TPR; EOI; ICR/ICR2; SELF_IPI in x2APIC mode).  Every write ends with
+    kvm_recalculate_apic_map in this thread: a no-op when the map is clean, else it may
+    sleep on apic_map_lock.  Returns 1 for a write the register does not accept.  Spec
+    §11.12, §10.2.
+    Differs from the kernel: SPIV disabling does not mask the LVT entries (not modelled);
+    SELF_IPI sends directly rather than through a nested ICR write (same IPI).
     """
     from vkick.kvm.lapic_map import kvm_recalculate_apic_map  # noqa: PLC0415
 
-    kvm = apic.vcpu.kvm
+    vcpu = apic.vcpu
+    kvm = vcpu.kvm
+    bus = kvm.rt.bus
+    if bus.on:
+        bus.emit("kvm_apic", vm=kvm.name, vcpu=vcpu.vcpu_id, rw="write", reg=reg, val=val)
     ret = 0
     if reg == APIC_ID:
         if not apic.x2apic_mode:
-            apic.id = val & 0xFF000000
-            kvm.arch.apic_map_dirty = APIC_MAP_DIRTY
+            kvm_apic_set_xapic_id(apic, val >> 24)
         else:
             ret = 1
     elif reg == APIC_TASKPRI:
@@ -513,23 +572,16 @@ def kvm_lapic_reg_write(apic: KvmLapic, reg: int, val: int) -> int:
         apic_set_eoi(apic)
     elif reg == APIC_LDR:
         if not apic.x2apic_mode:
-            apic.ldr = val & 0xFF000000
-            kvm.arch.apic_map_dirty = APIC_MAP_DIRTY
+            kvm_apic_set_ldr(apic, val & 0xFF000000)  # APIC_LDR_MASK
         else:
             ret = 1
     elif reg == APIC_DFR:
         if not apic.x2apic_mode:
-            apic.dfr = val | 0x0FFFFFFF
-            kvm.arch.apic_map_dirty = APIC_MAP_DIRTY
+            kvm_apic_set_dfr(apic, val | 0x0FFFFFFF)
         else:
             ret = 1
     elif reg == APIC_SPIV:
-        mask = 0x3FF
-        enabled = bool(val & APIC_SPIV_APIC_ENABLED)
-        if apic.sw_enabled != enabled:
-            apic.sw_enabled = enabled
-            kvm.arch.apic_map_dirty = APIC_MAP_DIRTY
-        apic.spiv = val & mask
+        apic_set_spiv(apic, val & 0x3FF)
     elif reg == APIC_ICR:
         val &= ~APIC_ICR_BUSY
         kvm_apic_send_ipi(apic, val, apic.icr2)
@@ -543,20 +595,27 @@ def kvm_lapic_reg_write(apic: KvmLapic, reg: int, val: int) -> int:
             ret = 1
     else:
         ret = 1
-    kvm_recalculate_apic_map(kvm)
+    task = vcpu.task
+    assert task is not None, "a register write runs in the vCPU thread"
+    await kvm_recalculate_apic_map(kvm, task)
     return ret
 
 
-def kvm_x2apic_msr_write(vcpu: KvmVcpu, msr: int, data: int) -> int:
-    """arch/x86/kvm/lapic.c: kvm_x2apic_msr_write — MSR 0x800 + (offset >> 4); ICR is 64-bit."""
+async def kvm_x2apic_msr_write(vcpu: KvmVcpu, msr: int, data: int) -> int:
+    """arch/x86/kvm/lapic.c: kvm_x2apic_msr_write  [vCPU thread]
+
+    MSR 0x800 + (offset >> 4); ICR is one 64-bit MSR: the destination (ICR2) is written
+    before the command; ICR2 itself is not an x2APIC MSR.
+    """
     apic = vcpu.arch.apic
     if apic is None or not apic.x2apic_mode:
         return 1
     reg = (msr - APIC_BASE_MSR) << 4
+    if reg == APIC_ICR2:
+        return 1
     if reg == APIC_ICR:
-        apic.icr2 = data >> 32
-        return kvm_lapic_reg_write(apic, APIC_ICR, data & 0xFFFFFFFF)
-    return kvm_lapic_reg_write(apic, reg, data & 0xFFFFFFFF)
+        await kvm_lapic_reg_write(apic, APIC_ICR2, (data >> 32) & 0xFFFFFFFF)
+    return await kvm_lapic_reg_write(apic, reg, data & 0xFFFFFFFF)
 
 
 def kvm_apic_send_ipi(apic: KvmLapic, icr_low: int, icr_high: int) -> None:
@@ -595,3 +654,173 @@ def apic_dfr_is_flat(apic: KvmLapic) -> bool:
     """The xAPIC DFR model bits read as flat (0xF) rather than cluster (0x0)."""
     return apic.dfr == APIC_DFR_FLAT
 
+
+
+# ---------------------------------------------------------------------------- state (ioctls)
+
+
+def kvm_lapic_set_base(vcpu: KvmVcpu, value: int) -> None:
+    """arch/x86/kvm/lapic.c: kvm_lapic_set_base  [vCPU thread]
+
+    Store the APIC base MSR; enabling the APIC resets the xAPIC ID to the vCPU id, disabling
+    it marks the map DIRTY, entering x2APIC mode sets the x2APIC ID and derived LDR (each
+    marks the map DIRTY).  The caller recalculates the map (kvm_set_apic_base).
+    Differs from the kernel: ``apic_base`` is kept as the two bits vkick uses
+    (``hw_enabled``, ``x2apic_mode``); the BSP bit and the base address are not stored.
+    """
+    apic = vcpu.arch.apic
+    if apic is None:
+        return
+    old_value = ((MSR_IA32_APICBASE_ENABLE if apic.hw_enabled else 0)
+                 | (X2APIC_ENABLE if apic.x2apic_mode else 0))
+    apic.hw_enabled = bool(value & MSR_IA32_APICBASE_ENABLE)  # vcpu->arch.apic_base = value
+    apic.x2apic_mode = bool(value & X2APIC_ENABLE)
+    changed = old_value ^ value
+    if changed & MSR_IA32_APICBASE_ENABLE:
+        if value & MSR_IA32_APICBASE_ENABLE:
+            kvm_apic_set_xapic_id(apic, vcpu.vcpu_id)
+        else:
+            vcpu.kvm.arch.apic_map_dirty = APIC_MAP_DIRTY  # atomic_set_release
+    if changed & X2APIC_ENABLE and value & X2APIC_ENABLE:
+        kvm_apic_set_x2apic_id(apic, vcpu.vcpu_id)
+
+
+def kvm_lapic_get_base(vcpu: KvmVcpu) -> int:
+    """arch/x86/kvm/lapic.c: kvm_lapic_get_base  [any context] — the APIC base MSR value."""
+    apic = vcpu.arch.apic
+    assert apic is not None
+    return (APIC_DEFAULT_PHYS_BASE | (MSR_IA32_APICBASE_ENABLE if apic.hw_enabled else 0)
+            | (X2APIC_ENABLE if apic.x2apic_mode else 0))
+
+
+def kvm_apic_update_apicv(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/lapic.c: kvm_apic_update_apicv  [vCPU thread]
+
+    With APICv ``irr_pending`` is always true and ``isr_count`` pinned to 1; without, both
+    are recomputed from IRR/ISR.
+    """
+    apic = vcpu.arch.apic
+    assert apic is not None
+    if vcpu.arch.apicv_active:
+        apic.irr_pending = True
+        apic.isr_count = 1
+    else:
+        apic.irr_pending = apic_search_irr(apic) != -1
+        apic.isr_count = count_vectors(apic.isr)
+
+
+async def kvm_lapic_reset(vcpu: KvmVcpu, init_event: bool = False) -> None:
+    """arch/x86/kvm/lapic.c: kvm_lapic_reset  [vCPU thread or ioctl]
+
+    The architectural reset state: enabled (base MSR), xAPIC ID = vCPU id (RESET only), DFR
+    flat, SVR 0xFF (software-disabled), TPR 0, LDR 0 (xAPIC), ICR 0, IRR/ISR/TMR clear,
+    then the map is recalculated.  Each setter marked the map DIRTY; at vCPU creation the
+    recalculation runs before the vCPU is visible in kvm->vcpus, so it does not see itself.
+    Differs from the kernel: no timers, LVTs or PV EOI; the BSP bit is not kept.
+    """
+    from vkick.kvm.lapic_map import kvm_recalculate_apic_map  # noqa: PLC0415
+
+    apic = vcpu.arch.apic
+    if apic is None:
+        return
+    if not init_event:
+        kvm_lapic_set_base(vcpu, APIC_DEFAULT_PHYS_BASE | MSR_IA32_APICBASE_ENABLE)
+        kvm_apic_set_xapic_id(apic, vcpu.vcpu_id)
+    kvm_apic_set_dfr(apic, 0xFFFFFFFF)
+    apic_set_spiv(apic, 0xFF)
+    apic.tpr = 0
+    if not apic.x2apic_mode:
+        kvm_apic_set_ldr(apic, 0)
+    apic.icr = apic.icr2 = 0
+    apic.irr = apic.isr = apic.tmr = 0
+    kvm_apic_update_apicv(vcpu)
+    apic.highest_isr_cache = -1
+    apic_update_ppr(apic)
+    if vcpu.arch.apicv_active:
+        vcpu.arch.rvi = 0  # kvm_x86_hwapic_irr_update(vcpu, -1)
+        vcpu.arch.svi = 0  # kvm_x86_hwapic_isr_update(vcpu, -1)
+    vcpu.arch.apic_arb_prio = 0
+    task = vcpu.task
+    assert task is not None
+    await kvm_recalculate_apic_map(vcpu.kvm, task)
+
+
+def kvm_apic_state_fixup(vcpu: KvmVcpu, s: KvmLapicState, set_: bool) -> int:
+    """arch/x86/kvm/lapic.c: kvm_apic_state_fixup  [vCPU ioctl]
+
+    In x2APIC mode the ID is the vCPU id with the 32-bit-ID API (anything else is -EINVAL),
+    else userspace sees it shifted into bits 31:24; on set the LDR is derived from the ID.
+    """
+    apic = vcpu.arch.apic
+    assert apic is not None
+    if apic.x2apic_mode:
+        if vcpu.kvm.arch.x2apic_format:
+            if s.id != vcpu.vcpu_id:
+                return -errno.EINVAL
+        else:
+            s.id = (s.id >> 24) if set_ else (s.id << 24) & 0xFFFFFFFF
+        if set_:
+            s.ldr = kvm_apic_calc_x2apic_ldr(s.id)
+    return 0
+
+
+def kvm_apic_get_state(vcpu: KvmVcpu) -> KvmLapicState:
+    """arch/x86/kvm/lapic.c: kvm_apic_get_state (KVM_GET_LAPIC)  [vCPU ioctl]"""
+    apic = vcpu.arch.apic
+    assert apic is not None
+    s = KvmLapicState(id=apic.id, tpr=apic.tpr, ldr=apic.ldr, dfr=apic.dfr, spiv=apic.spiv,
+                      icr=apic.icr, icr2=apic.icr2, irr=apic.irr, isr=apic.isr, tmr=apic.tmr)
+    kvm_apic_state_fixup(vcpu, s, False)
+    return s
+
+
+async def kvm_apic_set_state(vcpu: KvmVcpu, s: KvmLapicState) -> int:
+    """arch/x86/kvm/lapic.c: kvm_apic_set_state (KVM_SET_LAPIC)  [vCPU ioctl, process]
+
+    Re-apply the base MSR, set SPIV first (the software-enable accounting), fix up the
+    x2APIC ID/LDR, copy the registers, then force the map DIRTY and recalculate — the copy
+    itself marks nothing, so without the forced DIRTY a restored or hot-plugged vCPU whose
+    SPIV did not change never enters the map (bug #10 hotplug variant, fixed by
+    af28dfacbe00 "kvm: lapic: fix broken vcpu hotplug", 5.8-rc3; toggle
+    ``apic-map-no-recalc-on-set-state`` removes the forced DIRTY).  Then PPR, the APICv
+    state and KVM_REQ_EVENT.  Returns 0 or -EINVAL.  Spec §10.1.
+    Differs from the kernel: no timers or LVTs; ``s`` is copied, not modified.
+    """
+    from vkick.kvm.lapic_map import kvm_recalculate_apic_map  # noqa: PLC0415
+
+    apic = vcpu.arch.apic
+    assert apic is not None
+    kvm = vcpu.kvm
+    task = vcpu.task
+    assert task is not None
+    s = dataclasses.replace(s)
+    kvm_lapic_set_base(vcpu, kvm_lapic_get_base(vcpu))
+    apic_set_spiv(apic, s.spiv)
+    r = kvm_apic_state_fixup(vcpu, s, True)
+    if r:
+        await kvm_recalculate_apic_map(kvm, task)
+        return r
+    # memcpy(apic->regs, s->regs, sizeof(*s))
+    apic.id, apic.tpr, apic.ldr, apic.dfr = s.id, s.tpr, s.ldr, s.dfr
+    apic.spiv, apic.icr, apic.icr2 = s.spiv, s.icr, s.icr2
+    apic.irr, apic.isr, apic.tmr = s.irr, s.isr, s.tmr
+    if "apic-map-no-recalc-on-set-state" not in kvm.toggles:
+        kvm.arch.apic_map_dirty = APIC_MAP_DIRTY  # atomic_set_release
+    await kvm_recalculate_apic_map(kvm, task)
+    apic_update_ppr(apic)
+    kvm_apic_update_apicv(vcpu)
+    apic.highest_isr_cache = -1
+    if vcpu.arch.apicv_active:
+        # vmx_apicv_post_state_restore: the PI descriptor starts empty.
+        vcpu.pi_desc.on = False
+        vcpu.pi_desc.pir = 0
+        vcpu.arch.pir_ids.clear()
+        vcpu.arch.rvi = max(apic_find_highest_irr(apic), 0)  # kvm_x86_hwapic_irr_update
+        vcpu.arch.svi = max(apic.isr.bit_length() - 1, 0)  # kvm_x86_hwapic_isr_update
+    kvm_make_request(KVM_REQ_EVENT, vcpu)
+    vcpu.arch.apic_arb_prio = 0
+    bus = kvm.rt.bus
+    if bus.on:
+        bus.emit("kvm_apic_set_state", vm=kvm.name, vcpu=vcpu.vcpu_id, id=apic.id,
+                 spiv=apic.spiv)
+    return 0

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
+from vkick.kernel.mutex import mutex_lock, mutex_unlock
+from vkick.kernel.sched import TaskStruct
 from vkick.kvm.kvm_host import (
     APIC_BROADCAST,
     APIC_DEST_ALLBUT,
@@ -73,51 +75,117 @@ def kvm_apic_map_get_logical_dest(amap: KvmApicMap, dest_id: int,
     return False, [], 0, 0
 
 
-def kvm_recalculate_apic_map(kvm: Kvm) -> None:
-    """arch/x86/kvm/lapic.c: kvm_recalculate_apic_map  [process]
+async def kvm_recalculate_apic_map(kvm: Kvm, current: TaskStruct) -> None:
+    """arch/x86/kvm/lapic.c: kvm_recalculate_apic_map  [process: vCPU thread or ioctl]
 
-    Rebuild and publish the map when it is dirty.  The dirty-flag protocol (CLEAN /
-    UPDATE_IN_PROGRESS / DIRTY) guarantees that a write made after a rebuild started leaves
-    the map DIRTY for the next rebuild (spec §10.2, §16.11).  Synchronous here: the mutex
-    section has no sleeping step that another CPU could use in this model.
+    Rebuild and publish the map when it is dirty (spec §10.2, §16.11): an unlocked CLEAN
+    check, then ``apic_map_lock`` (a mutex: the caller may sleep), the claim DIRTY →
+    UPDATE_IN_PROGRESS, size the map by the highest present x2APIC ID, fill it from every
+    visible vCPU's registers, publish (RCU) and UPDATE_IN_PROGRESS → CLEAN — a write that
+    marked the map DIRTY meanwhile leaves it DIRTY for the next rebuild.  ``current`` is the
+    calling thread.  A vCPU whose x2APIC ID is above the size computed before the fill (it
+    appeared or enabled its APIC in between) is left out of the physical map until the next
+    rebuild (the v5.13 form of bug #11).
+
+    Toggles: ``apic-map-bool-dirty`` (bug #10) re-creates the two-state flag of 4abaffce4d25
+    (5.8-rc1): no claim, and "dirty = false" at the end whatever happened meanwhile — fixed
+    by Paolo Bonzini's "KVM: LAPIC: ensure APIC map is up to date on concurrent update
+    requests" (5.8-rc3).  ``fix-apic-map-retry`` (bug #11) gives the behaviour of
+    4364b287982b (6.4) + 41e90a69a49b (6.5): an x2APIC ID above the size discards the map
+    being filled and retries with the larger size.
+    Differs from the kernel: the 6.5 retry is grafted onto the v5.13 function (6.x also
+    split the fill into phys/logical helpers and disables the map on aliasing);
+    KVM_REQ_SCAN_IOAPIC is not requested (no IOAPIC is modelled on this path); the old map
+    is dropped at once (Python references stand in for the RCU grace period).
     """
-    if kvm.arch.apic_map_dirty == CLEAN:
+    arch = kvm.arch
+    rt = kvm.rt
+    bool_dirty = "apic-map-bool-dirty" in kvm.toggles
+    retry_fix = "fix-apic-map-retry" in kvm.toggles
+    # Read apic_map_dirty before apic_map (atomic_read_acquire).
+    if arch.apic_map_dirty == CLEAN:
         return
-    if kvm.arch.apic_map_dirty != DIRTY:
-        return
-    kvm.arch.apic_map_dirty = UPDATE_IN_PROGRESS
-    max_id = 255
-    for vcpu in kvm.vcpus:
-        if kvm_apic_present(vcpu):
-            max_id = max(max_id, vcpu.vcpu_id)
-    new = KvmApicMap(max_apic_id=max_id, phys_map=[None] * (max_id + 1))
-    for vcpu in kvm.vcpus:
-        apic = vcpu.arch.apic
-        if apic is None or not kvm_apic_present(vcpu):
+    await mutex_lock(arch.apic_map_lock, current)
+    max_id = 255  # enough space for any xAPIC ID; never shrinks across retries
+    retries = 0
+    while True:
+        # Read apic_map_dirty before apic_map (if clean) or the registers (if dirty).
+        if bool_dirty:
+            claimed = arch.apic_map_dirty != CLEAN  # 5.8-rc1: re-check, no claim
+        else:
+            old = arch.apic_map_dirty  # atomic_cmpxchg_acquire(DIRTY → UPDATE_IN_PROGRESS)
+            if old == DIRTY:
+                arch.apic_map_dirty = UPDATE_IN_PROGRESS
+            claimed = old != CLEAN
+        if not claimed:
+            # Someone else has updated the map.
+            mutex_unlock(arch.apic_map_lock, current)
+            return
+        vcpus = kvm.vcpus
+        for vcpu in vcpus:  # kvm_for_each_vcpu (up to online_vcpus)
+            if kvm_apic_present(vcpu):
+                max_id = max(max_id, vcpu.vcpu_id)  # kvm_x2apic_id
+        # W-MAP-recalc: map sized ↔ registers read.  The lock is a mutex, so the thread
+        # may be preempted here; another vCPU may become visible (KVM_CREATE_VCPU) or
+        # enable its APIC with an x2APIC ID above max_id (bug #11), or write ID/LDR/SPIV.
+        await rt.preempt("W-MAP-recalc")
+        new = KvmApicMap(max_apic_id=max_id, phys_map=[None] * (max_id + 1))
+        skipped: list[int] = []
+        too_big = False
+        i = 0
+        while i < len(vcpus):  # kvm_for_each_vcpu re-reads online_vcpus every step
+            vcpu = vcpus[i]
+            i += 1
+            apic = vcpu.arch.apic
+            if apic is None or not kvm_apic_present(vcpu):
+                continue
+            xapic_id = kvm_xapic_id(apic)
+            x2apic_id = vcpu.vcpu_id  # kvm_x2apic_id
+            if retry_fix and x2apic_id > new.max_apic_id:
+                too_big = True  # kvm_recalculate_phys_map: -E2BIG
+                break
+            # Hotplug hack: an ID above 0xff is reachable by its x2APIC ID ...
+            if apic.x2apic_mode or x2apic_id > 0xFF:
+                if x2apic_id <= new.max_apic_id:
+                    new.phys_map[x2apic_id] = apic
+                else:
+                    skipped.append(x2apic_id)
+            # ... and its wrapped xAPIC ID never masks a vCPU with an ID <= 0xff.
+            if not apic.x2apic_mode and new.phys_map[xapic_id] is None:
+                new.phys_map[xapic_id] = apic
+            if apic.sw_enabled:
+                if apic.x2apic_mode:
+                    # The logical cluster slot is the vCPU's own phys_map entry.
+                    new.mode |= KVM_APIC_MODE_X2APIC
+                elif apic.ldr:
+                    ldr = (apic.ldr >> 24) & 0xFF  # GET_APIC_LOGICAL_ID
+                    new.mode |= (KVM_APIC_MODE_XAPIC_FLAT if apic.dfr == APIC_DFR_FLAT
+                                 else KVM_APIC_MODE_XAPIC_CLUSTER)
+                    ok, cluster, offset, mask = kvm_apic_map_get_logical_dest(new, ldr)
+                    if ok and mask:
+                        cluster[offset + ((mask & -mask).bit_length() - 1)] = apic
+            # W-MAP-recalc: this APIC's registers read ↔ the next one's (or publication).
+            # A write to an APIC already read here must leave the map DIRTY (bug #10).
+            await rt.preempt("W-MAP-recalc")
+        if too_big:
+            retries += 1
+            # cond_resched(); goto retry — W-MAP-recalc: a voluntary preemption point.
+            await rt.preempt("W-MAP-recalc")
             continue
-        xapic_id = kvm_xapic_id(apic)
-        x2apic_id = vcpu.vcpu_id
-        if apic.x2apic_mode or x2apic_id > 0xFF:
-            new.phys_map[x2apic_id] = apic
-        if not apic.x2apic_mode and new.phys_map[xapic_id] is None:
-            new.phys_map[xapic_id] = apic
-        if not apic.sw_enabled:
-            continue
-        if apic.x2apic_mode:
-            new.mode |= KVM_APIC_MODE_X2APIC
-            continue  # the logical slot is the vCPU's own phys_map entry
-        if apic.ldr == 0:
-            continue
-        ldr = (apic.ldr >> 24) & 0xFF
-        new.mode |= (KVM_APIC_MODE_XAPIC_FLAT if apic.dfr == APIC_DFR_FLAT
-                     else KVM_APIC_MODE_XAPIC_CLUSTER)
-        ok, cluster, offset, mask = kvm_apic_map_get_logical_dest(new, ldr)
-        if not ok or mask == 0:
-            continue
-        cluster[offset + ((mask & -mask).bit_length() - 1)] = apic
-    kvm.arch.apic_map = new
-    if kvm.arch.apic_map_dirty == UPDATE_IN_PROGRESS:
-        kvm.arch.apic_map_dirty = CLEAN
+        break
+    arch.apic_map = new  # rcu_assign_pointer
+    # Write apic_map before clearing apic_map_dirty: atomic_cmpxchg_release(UPDATE_IN_PROGRESS
+    # → CLEAN), so a write that came in meanwhile leaves it DIRTY.  The 5.8-rc1 boolean is
+    # simply cleared, losing that write (bug #10).
+    if bool_dirty or arch.apic_map_dirty == UPDATE_IN_PROGRESS:
+        arch.apic_map_dirty = CLEAN
+    left = arch.apic_map_dirty
+    mutex_unlock(arch.apic_map_lock, current)
+    bus = rt.bus
+    if bus.on:
+        bus.emit("kvm_recalculate_apic_map", vm=kvm.name, max_id=max_id,
+                 visited=i, mode=new.mode, skipped=skipped, retries=retries,
+                 dirty=left != CLEAN)
 
 
 def kvm_lowest_prio_delivery(irq: KvmLapicIrq) -> bool:

@@ -4,7 +4,8 @@ Covered: vcpu_run (with kvm_arch_vcpu_ioctl_run), vcpu_enter_guest, kvm_vcpu_exi
 inject_pending_event (interrupt part), kvm_cpu_has_injectable_intr, kvm_cpu_has_interrupt,
 kvm_vcpu_running, kvm_vcpu_has_events, kvm_arch_vcpu_runnable, vcpu_block,
 kvm_emulate_halt, vmx_handle_exit (the exit reasons on this path), handle_interrupt_window,
-kvm_pv_kick_cpu_op, handle_fastpath_set_x2apic_icr_irqoff.  Bug toggles (kvm.toggles):
+kvm_pv_kick_cpu_op, handle_fastpath_set_x2apic_icr_irqoff, kvm_arch_vcpu_create,
+kvm_vcpu_reset, kvm_set_apic_base, kvm_arch_vcpu_ioctl_set_mpstate.  Bug toggles (kvm.toggles):
 ``no-barrier-after-guest-mode`` (spec §16.1a), ``irqs-on-across-entry`` (§16.1b),
 ``check-requests-before-guest-mode`` (§16.2).
 """
@@ -36,12 +37,16 @@ from vkick.kvm.kvm_host import (
     APIC_SHORT_MASK,
     EXITING_GUEST_MODE,
     IN_GUEST_MODE,
+    KVM_APIC_SIPI,
     KVM_REQ_EVENT,
     KVM_REQ_NMI,
     KVM_REQ_UNBLOCK,
     KVM_REQ_UNHALT,
+    MSR_IA32_APICBASE,
+    MSR_IA32_APICBASE_ENABLE,
     OUTSIDE_GUEST_MODE,
     X2APIC_BROADCAST,
+    X2APIC_ENABLE,
     Kvm,
     KvmVcpu,
     MpState,
@@ -62,11 +67,16 @@ from vkick.kvm.lapic import (
     kvm_apic_has_interrupt,
     kvm_apic_send_ipi,
     kvm_apic_set_eoi_accelerated,
+    kvm_create_lapic,
     kvm_get_apic_interrupt,
     kvm_lapic_enabled,
+    kvm_lapic_get_base,
     kvm_lapic_reg_write,
+    kvm_lapic_reset,
+    kvm_lapic_set_base,
     kvm_x2apic_msr_write,
 )
+from vkick.kvm.lapic_map import kvm_recalculate_apic_map
 from vkick.kvm.vmx.posted_intr import pi_post_block, pi_pre_block
 from vkick.kvm.vmx.vmx import (
     vmx_cancel_injection,
@@ -240,13 +250,16 @@ async def vmx_handle_exit(vcpu: KvmVcpu, ex: Exit) -> int:
     if reason == EXIT_APIC_WRITE:
         if qual == APIC_ICR:
             hi, lo = val >> 32, val & 0xFFFFFFFF
-            kvm_lapic_reg_write(apic, APIC_ICR2, hi)
-            kvm_lapic_reg_write(apic, APIC_ICR, lo)
+            await kvm_lapic_reg_write(apic, APIC_ICR2, hi)
+            await kvm_lapic_reg_write(apic, APIC_ICR, lo)
         else:
-            kvm_lapic_reg_write(apic, qual, val)
+            await kvm_lapic_reg_write(apic, qual, val)
         return 1
     if reason == EXIT_MSR_WRITE:
-        kvm_x2apic_msr_write(vcpu, qual, val)
+        if qual == MSR_IA32_APICBASE:
+            await kvm_set_apic_base(vcpu, val, host_initiated=False)
+        else:
+            await kvm_x2apic_msr_write(vcpu, qual, val)
         return 1
     if reason == EXIT_IO_INSTRUCTION:
         io_bus = vcpu.kvm.io_bus
@@ -392,3 +405,82 @@ async def vcpu_run(vcpu: KvmVcpu) -> int:
     vcpu_put(vcpu)
     return r
 
+
+
+# ---------------------------------------------------------------------------- vCPU setup
+
+
+async def kvm_arch_vcpu_create(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/x86.c: kvm_arch_vcpu_create  [process: KVM_CREATE_VCPU]
+
+    mp_state RUNNABLE for the reset BSP (vCPU id 0), UNINITIALIZED (waiting for INIT/SIPI)
+    for the others; the in-kernel LAPIC; APICv active iff the VM enables it; then the RESET
+    (kvm_vcpu_reset), whose map recalculation runs before the vCPU is visible.
+    Differs from the kernel: no MMU, FPU, MSR or PMU state; no vcpu_load around the reset.
+    """
+    kvm = vcpu.kvm
+    vcpu.arch.mp_state = (MpState.KVM_MP_STATE_RUNNABLE if vcpu.vcpu_id == 0
+                          else MpState.KVM_MP_STATE_UNINITIALIZED)
+    kvm_create_lapic(vcpu)
+    if kvm.enable_apicv:  # kvm_apicv_activated
+        vcpu.arch.apicv_active = True
+    await kvm_vcpu_reset(vcpu, False)
+
+
+async def kvm_vcpu_reset(vcpu: KvmVcpu, init_event: bool) -> None:
+    """arch/x86/kvm/x86.c: kvm_vcpu_reset (the interrupt state)  [vCPU thread or ioctl]
+
+    LAPIC reset (which recalculates the APIC map), NMIs and the event queue cleared,
+    KVM_REQ_EVENT.
+    Differs from the kernel: the INIT path of kvm_apic_accept_events keeps its own inline
+    reset; registers, debug state, MMU and FPU are not modelled.
+    """
+    await kvm_lapic_reset(vcpu, init_event)
+    arch = vcpu.arch
+    arch.nmi_queued = 0
+    arch.nmi_pending = 0
+    arch.interrupt_injected = False  # kvm_clear_interrupt_queue
+    kvm_make_request(KVM_REQ_EVENT, vcpu)
+
+
+async def kvm_set_apic_base(vcpu: KvmVcpu, value: int, *, host_initiated: bool) -> int:
+    """arch/x86/kvm/x86.c: kvm_set_apic_base  [vCPU thread: WRMSR, KVM_SET_SREGS]
+
+    Rejects x2APIC without the global enable, and from the guest the architecturally
+    illegal transitions x2APIC → xAPIC and disabled → x2APIC; else kvm_lapic_set_base and
+    a map recalculation in this thread.  Returns 0, or 1 (the WRMSR faults).
+    Differs from the kernel: reserved-bit checks against CPUID are not modelled.
+    """
+    mode_mask = MSR_IA32_APICBASE_ENABLE | X2APIC_ENABLE
+    old_mode = kvm_lapic_get_base(vcpu) & mode_mask
+    new_mode = value & mode_mask
+    if new_mode == X2APIC_ENABLE:  # LAPIC_MODE_INVALID
+        return 1
+    if not host_initiated:
+        if old_mode == mode_mask and new_mode == MSR_IA32_APICBASE_ENABLE:
+            return 1
+        if old_mode == 0 and new_mode == mode_mask:
+            return 1
+    kvm_lapic_set_base(vcpu, value)
+    task = vcpu.task
+    assert task is not None
+    await kvm_recalculate_apic_map(vcpu.kvm, task)
+    return 0
+
+
+def kvm_arch_vcpu_ioctl_set_mpstate(vcpu: KvmVcpu, mp_state: MpState) -> int:
+    """arch/x86/kvm/x86.c: kvm_arch_vcpu_ioctl_set_mpstate  [vCPU ioctl: KVM_SET_MP_STATE]
+
+    SIPI_RECEIVED becomes INIT_RECEIVED with a SIPI latched; any other state is stored;
+    KVM_REQ_EVENT.  The VMM uses it to start a restored (already booted) vCPU RUNNABLE.
+    """
+    apic = vcpu.arch.apic
+    if mp_state == MpState.KVM_MP_STATE_SIPI_RECEIVED:
+        if apic is None:
+            return -22  # -EINVAL
+        vcpu.arch.mp_state = MpState.KVM_MP_STATE_INIT_RECEIVED
+        apic.pending_events |= 1 << KVM_APIC_SIPI
+    else:
+        vcpu.arch.mp_state = mp_state
+    kvm_make_request(KVM_REQ_EVENT, vcpu)
+    return 0

@@ -97,6 +97,22 @@ EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in (
         VECTOR, IRQ, ("notify", "str", "ipi | kick | none | coalesced_pir | coalesced_on")),
     _ev("kvm_apic_ipi", "info", "a guest ICR write sends an IPI", VM, VCPU,
         ("icr_low", "int", "ICR bits 31:0"), ("dest_id", "int", "destination"), VECTOR, IRQ),
+    _ev("kvm_apic", "debug", "arch/x86/kvm/trace.h kvm_apic: a LAPIC register access "
+        "(kvm_lapic_reg_write)", VM, VCPU, ("rw", "str", "write"),
+        ("reg", "int", "register offset (APIC_*)"), ("val", "int", "value written")),
+    _ev("kvm_recalculate_apic_map", "debug", "arch/x86/kvm/lapic.c kvm_recalculate_apic_map "
+        "published a new APIC map", VM,
+        ("max_id", "int", "highest x2APIC ID the map was sized for (>= 255)"),
+        ("visited", "int", "vCPUs the fill loop visited (online_vcpus as it last read it)"),
+        ("mode", "int", "OR of KVM_APIC_MODE_* of the logical entries"),
+        ("skipped", "list[int]", "x2APIC IDs left out: above max_id when filled (bug #11)"),
+        ("retries", "int", "rebuilds for an x2APIC ID above max_id (fix-apic-map-retry)"),
+        ("dirty", "bool", "left DIRTY: a write came in during the rebuild")),
+    _ev("kvm_apic_set_state", "debug", "KVM_SET_LAPIC restored a vCPU's LAPIC "
+        "(kvm_apic_set_state)", VM, VCPU, ("id", "int", "APIC_ID register"),
+        ("spiv", "int", "SPIV register")),
+    _ev("kvm_vm_ioctl_create_vcpu", "debug", "KVM_CREATE_VCPU: the vCPU became visible in "
+        "kvm->vcpus", VM, VCPU, ("idx", "int", "vcpu_idx (position in kvm->vcpus)")),
     _ev("vkick_host_ipi", "info", "a physical IPI is sent to a pCPU's inbox", PCPU,
         ("hvector", "int", "host vector (0xf2 PI notification, 0xfd reschedule)"),
         ("vm", "str", "VM of the vCPU it is meant for (\"\": none)"),

@@ -25,7 +25,8 @@ Window = Literal[
     "W-VQ-enable",  # vhost_enable_notify write ↔ avail idx re-read
     "W-GUEST-enable-cb",  # guest writes used_event ↔ re-reads used->idx (bug #15)
     "W-IRQFD-assign",  # irqfd linked ↔ poll entry added (bug #12)
-    "W-MAP-recalc",  # APIC map built ↔ published (bugs #10, #11)
+    "W-MAP-recalc",  # APIC map sized ↔ filled, and between APICs read (bugs #10, #11)
+    "W-VCPU-create",  # LAPIC reset + map recalculated ↔ vCPU visible in kvm->vcpus (#11)
     "W-EFD-poll",  # wait entry added ↔ count read (eventfd_poll)
     "W-GUEST-insn",  # a guest instruction boundary
     "W-HOST-sched",  # host scheduler: a vCPU thread may be preempted here

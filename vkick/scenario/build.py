@@ -40,6 +40,7 @@ from vkick.kvm.kvm_main_io import kvm_io_bus_register_dev
 from vkick.kvm.x86 import kvm_pv_kick_cpu_op, vcpu_run
 from vkick.runtime.tasks import Runtime
 from vkick.scenario.config import HostConfig, VmConfig, queue_placement, vm_names
+from vkick.scenario.runner import restore_booted_vcpu
 from vkick.scenario.workload import on_guest_rx, on_host_rx
 from vkick.vhost.net import VhostNet, vhost_net_open, vhost_net_set_backend
 from vkick.vhost.tun import TunFile
@@ -160,7 +161,9 @@ async def _build_vm(rt: Runtime, hw: HwHost, name: str, cfg: VmConfig,
     g = cfg.guest
     softnet: list[SoftnetData] = []
     for i in range(cfg.vcpus):
-        vcpu = kvm_vm_ioctl_create_vcpu(kvm, i, x2apic=cfg.x2apic, cpu=pins[i])
+        await kvm_vm_ioctl_create_vcpu(kvm, i, cpu=pins[i])
+    for vcpu in kvm.vcpus:
+        await restore_booted_vcpu(vcpu, x2apic=cfg.x2apic)
         guest = GuestCpu(rt, eoi_auto=True, handler_ns=g.handler_ns, eoi_first=True)
         guest.unhalt = (lambda v=vcpu: kvm_pv_kick_cpu_op(v))
         sd = SoftnetData(guest)

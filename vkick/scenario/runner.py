@@ -20,16 +20,27 @@ from vkick.kvm.irq_comm import kvm_send_userspace_msi
 from vkick.kvm.irqchip import MsiRoute, kvm_set_irq_routing_sync
 from vkick.kvm.kvm_host import (
     APIC_BASE_MSR,
+    APIC_DEFAULT_PHYS_BASE,
     APIC_DFR,
     APIC_ICR,
     APIC_ID,
     APIC_LDR,
     APIC_SPIV,
+    MSR_IA32_APICBASE_ENABLE,
+    X2APIC_ENABLE,
     Kvm,
     KvmVcpu,
+    MpState,
 )
 from vkick.kvm.kvm_main import kvm_create_vm, kvm_vm_ioctl_create_vcpu
-from vkick.kvm.x86 import kvm_pv_kick_cpu_op, vcpu_run
+from vkick.kvm.lapic import kvm_apic_get_state, kvm_apic_set_state
+from vkick.kvm.x86 import (
+    kvm_arch_vcpu_ioctl_set_mpstate,
+    kvm_pv_kick_cpu_op,
+    kvm_set_apic_base,
+    vcpu_run,
+)
+from vkick.obs.apicmap import apic_map_diffs
 from vkick.runtime.events import EventSink
 from vkick.runtime.sched import PreemptPolicy
 from vkick.runtime.tasks import Runtime
@@ -40,19 +51,39 @@ SCENARIO_COSTS = HostCosts(vmentry_ns=100, vmexit_ns=100, ipi_latency_ns=50, wak
                            timeslice_ns=1_000_000)
 
 
-def build_vm(rt: Runtime, *, nr_vcpus: int, apicv: bool, x2apic: bool, eoi_auto: bool,
-             name: str = "vm0", handler_ns: int = 0,
-             toggles: frozenset[str] = frozenset()) -> Kvm:
-    """A VM with ``nr_vcpus`` vCPUs, each pinned to its own physical CPU, guests idle."""
+async def build_vm(rt: Runtime, *, nr_vcpus: int, apicv: bool, x2apic: bool,
+                   eoi_auto: bool, name: str = "vm0", handler_ns: int = 0,
+                   toggles: frozenset[str] = frozenset()) -> Kvm:
+    """A VM with ``nr_vcpus`` vCPUs, each pinned to its own physical CPU, guests idle.
+
+    The VMM side, as QEMU restores a booted guest: KVM_CREATE_VCPU for each vCPU, then per
+    vCPU the APIC base (x2APIC mode: KVM_SET_SREGS), the LAPIC of FORMAT.md "Initial state"
+    (KVM_SET_LAPIC: SVR 0x1FF, ID = index, DFR flat, LDR 0) and KVM_SET_MP_STATE RUNNABLE.
+    """
     host = create_host(rt, nr_vcpus, SCENARIO_COSTS)
     kvm = kvm_create_vm(rt, name, apicv=apicv, host=host, toggles=toggles)
     for i in range(nr_vcpus):
-        vcpu = kvm_vm_ioctl_create_vcpu(kvm, i, x2apic=x2apic, cpu=i)
+        await kvm_vm_ioctl_create_vcpu(kvm, i, cpu=i)
+    for vcpu in kvm.vcpus:
+        await restore_booted_vcpu(vcpu, x2apic=x2apic)
         vcpu.halt_poll_ns = 0
         guest = GuestCpu(rt, eoi_auto=eoi_auto, handler_ns=handler_ns)
         guest.unhalt = (lambda v=vcpu: kvm_pv_kick_cpu_op(v))
         vcpu.guest = guest
     return kvm
+
+
+async def restore_booted_vcpu(vcpu: KvmVcpu, *, x2apic: bool) -> None:
+    """The VMM's register restore of one vCPU (QEMU kvm_arch_put_registers): APIC base,
+    KVM_SET_LAPIC with the booted state, KVM_SET_MP_STATE RUNNABLE."""
+    if x2apic:
+        await kvm_set_apic_base(vcpu, APIC_DEFAULT_PHYS_BASE | MSR_IA32_APICBASE_ENABLE
+                                | X2APIC_ENABLE, host_initiated=True)
+    state = kvm_apic_get_state(vcpu)  # the reset state: ID = index, DFR flat, LDR 0
+    state.spiv = 0x1FF
+    r = await kvm_apic_set_state(vcpu, state)
+    assert r == 0, f"KVM_SET_LAPIC failed: {r}"
+    kvm_arch_vcpu_ioctl_set_mpstate(vcpu, MpState.KVM_MP_STATE_RUNNABLE)
 
 
 def start_vcpus(rt: Runtime, kvm: Kvm) -> None:
@@ -98,7 +129,7 @@ def _outcome_of(vcpu: KvmVcpu) -> VcpuOutcome:
 async def _run(rt: Runtime, sc: Any, apicv: bool) -> Outcome:
     topo = sc.topology
     x2apic = topo.apic_mode == "x2apic"
-    kvm = build_vm(rt, nr_vcpus=topo.vcpus, apicv=apicv, x2apic=x2apic,
+    kvm = await build_vm(rt, nr_vcpus=topo.vcpus, apicv=apicv, x2apic=x2apic,
                    eoi_auto=topo.eoi == "auto")
     routes = {r.gsi: MsiRoute(r.gsi, r.address & 0xFFFFFFFF, r.data, r.address >> 32)
               for r in sc.routes}
@@ -112,7 +143,8 @@ async def _run(rt: Runtime, sc: Any, apicv: bool) -> Outcome:
             await kvm_irqfd_assign(kvm, ctx, fd.gsi)
     start_vcpus(rt, kvm)
     await rt.wait_quiescent()
-    checkpoint_diffs: list[str] = []
+    # The APIC-map oracle runs at every quiescent point (bugs #10, #11).
+    checkpoint_diffs: list[str] = [f"setup: {d}" for d in apic_map_diffs(kvm)]
     for i, step in enumerate(sc.steps):
         do = step.do
         guest: GuestCpu | None = None
@@ -170,6 +202,7 @@ async def _run(rt: Runtime, sc: Any, apicv: bool) -> Outcome:
             else:  # pragma: no cover - the format rejects unknown steps
                 raise ValueError(f"steps[{i}].do: unknown step {do!r}")
         await rt.wait_quiescent()
+        checkpoint_diffs += [f"steps[{i}] ({do}): {d}" for d in apic_map_diffs(kvm)]
         if guest is not None and guest.actions and not guest.idle_halted:
             # The vCPU is halted (or spinning) with this step not yet run and nothing left
             # to wake it: the scenario ends here (FORMAT.md "waits on a vCPU that stays
