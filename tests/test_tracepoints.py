@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from vkick.obs.tracepoints import EVENTS, render_markdown, validate
+from vkick.scenario.assigned_device import run_assigned_device
 from vkick.scenario.format import load_scenario
 from vkick.scenario.runner import run_scenario
 from vkick.testing import run_config
@@ -34,6 +35,24 @@ def test_every_emitted_event_conforms_to_the_schema() -> None:
     for config in sorted((ROOT / "configs").glob("*.toml")):
         if config.stem in ("default", "no-apicv", "rr", "no-event-idx"):
             run_config(config, duration="500us", sinks=(col,))
+    # An assigned device, posted and remapped, with two busy vCPUs sharing a CPU (the host
+    # preempts them: SN).
+    async def busy(rt: Any, kvm: Any) -> None:
+        def loop(vcpu: Any) -> None:
+            if vcpu.kvm.rt.now_ns() < 100_000:
+                vcpu.guest.actions.extend([("work", 3_000), ("mmio", 0x1000, 0),
+                                           ("call", loop)])
+
+        for vcpu in kvm.vcpus:
+            loop(vcpu)
+
+    for posting in (True, False):
+        run = run_assigned_device(seed=0, msi_times=[7_000 * i for i in range(1, 20)],
+                                  vcpu_cpus=[0, 0], nr_pcpus=2, irq_cpu=1, posting=posting,
+                                  setup=busy, record=True)
+        assert run.violations == []
+        for rec in run.events:
+            col(rec)
     assert not col.problems, col.problems
     # The scenarios and the configs exercise nearly the whole schema.
     assert len(col.seen) >= len(EVENTS) - 4, sorted(set(EVENTS) - col.seen)

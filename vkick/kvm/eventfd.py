@@ -3,9 +3,10 @@ signals an eventfd).
 
 Covered: irqfd_inject, irqfd_wakeup, irqfd_ptable_queue_proc, irqfd_update,
 kvm_irqfd_assign, irqfd_deactivate, kvm_irqfd_deassign, irqfd_shutdown, kvm_irqfd_release,
-kvm_irq_routing_update, kvm_irqfd_init, ioeventfd_write.  Left out: the resampler
+kvm_irq_routing_update, kvm_irqfd_init, ioeventfd_write, and the irq bypass consumer each
+irqfd registers (VFIO's producer may connect to it: VT-d posting).  Left out: the resampler
 (level-triggered irqfds: MSI irqfds, the vhost case, never have one; KVM_IRQFD_FLAG_RESAMPLE is
-refused), irq bypass (VFIO).
+refused).
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from vkick.kernel.eventfd import (
     eventfd_ctx_remove_wait_queue,
     eventfd_poll,
     eventfd_signal,
+)
+from vkick.kernel.irqbypass import (
+    IrqBypassConsumer,
+    IrqBypassProducer,
+    irq_bypass_register_consumer,
+    irq_bypass_unregister_consumer,
 )
 from vkick.kernel.seqlock import (
     Seqcount,
@@ -72,6 +79,8 @@ class KvmKernelIrqfd:
     irq_entry_sc: Seqcount = field(default_factory=Seqcount)
     active: bool = False
     pending_irqs: list[int] = field(default_factory=list)
+    consumer: IrqBypassConsumer = field(default_factory=IrqBypassConsumer)
+    producer: IrqBypassProducer | None = None
 
 
 def kvm_irqfd_init(kvm: Kvm) -> None:
@@ -177,9 +186,14 @@ def irqfd_update(kvm: Kvm, irqfd: KvmKernelIrqfd) -> None:
 
 
 def kvm_irq_routing_update(kvm: Kvm) -> None:
-    """virt/kvm/eventfd.c: kvm_irq_routing_update — refresh every active irqfd (irqfds.lock)."""
+    """virt/kvm/eventfd.c: kvm_irq_routing_update — refresh every active irqfd (irqfds.lock);
+    one with a bypass producer re-decides its IRTE (kvm_arch_update_irqfd_routing)."""
     for irqfd in kvm.irqfds:
         irqfd_update(kvm, irqfd)
+        if irqfd.producer is not None:
+            from vkick.kvm.x86 import kvm_arch_update_irqfd_routing  # noqa: PLC0415
+
+            kvm_arch_update_irqfd_routing(kvm, irqfd.producer.irq, irqfd.gsi, True)
 
 
 async def kvm_irqfd_assign(kvm: Kvm, eventfd: EventfdCtx, gsi: int, flags: int = 0) -> int:
@@ -229,6 +243,18 @@ async def kvm_irqfd_assign(kvm: Kvm, eventfd: EventfdCtx, gsi: int, flags: int =
         irqfd.pending_irqs.extend(eventfd.irqs)
         eventfd.irqs = []
         schedule_work(irqfd.inject)
+    from vkick.kvm.x86 import (  # noqa: PLC0415
+        kvm_arch_has_irq_bypass,
+        kvm_arch_irq_bypass_add_producer,
+        kvm_arch_irq_bypass_del_producer,
+    )
+
+    if kvm_arch_has_irq_bypass():
+        irqfd.consumer = IrqBypassConsumer(token=eventfd,
+                                           add_producer=kvm_arch_irq_bypass_add_producer,
+                                           del_producer=kvm_arch_irq_bypass_del_producer,
+                                           owner=irqfd)
+        irq_bypass_register_consumer(rt, irqfd.consumer)
     srcu_read_unlock(kvm.irq_srcu, idx)
     return 0
 
@@ -252,6 +278,7 @@ async def irqfd_shutdown(work: WorkStruct) -> None:
     await synchronize_srcu(irqfd.kvm.irq_srcu)
     eventfd_ctx_remove_wait_queue(irqfd.eventfd, irqfd.wait)
     await flush_work(irqfd.inject)
+    irq_bypass_unregister_consumer(irqfd.kvm.rt, irqfd.consumer)
 
 
 async def kvm_irqfd_deassign(kvm: Kvm, eventfd: EventfdCtx, gsi: int) -> int:

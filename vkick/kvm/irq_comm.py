@@ -2,7 +2,9 @@
 function and the slow delivery loop (kvm_irq_delivery_to_apic).
 
 Covered: kvm_set_msi_irq, kvm_msi_route_invalid, kvm_arch_set_irq_inatomic, kvm_set_msi,
-kvm_irq_delivery_to_apic, kvm_send_userspace_msi (virt/kvm/irqchip.c, KVM_SIGNAL_MSI).
+kvm_irq_delivery_to_apic, kvm_send_userspace_msi (virt/kvm/irqchip.c, KVM_SIGNAL_MSI),
+kvm_intr_is_single_vcpu (with lapic.c's kvm_intr_is_single_vcpu_fast and kvm_host.h's
+kvm_irq_is_postable, the tests VT-d posting makes).
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from vkick.kvm.kvm_host import (
     APIC_DEST_NOSHORT,
     APIC_DEST_PHYSICAL,
     APIC_DM_FIXED,
+    APIC_DM_LOWEST,
     KVM_IRQ_ROUTING_MSI,
     Kvm,
     KvmLapic,
     KvmLapicIrq,
+    KvmVcpu,
 )
 from vkick.kvm.lapic import kvm_apic_present, kvm_apic_set_irq
 from vkick.kvm.lapic_map import (
+    kvm_apic_map_get_dest_lapic,
     kvm_apic_match_dest,
     kvm_irq_delivery_to_apic_fast,
     kvm_lowest_prio_delivery,
@@ -156,3 +161,47 @@ def kvm_send_userspace_msi(kvm: Kvm, address_lo: int, data: int, address_hi: int
         return kvm_set_msi(e, kvm, 0, 1, False)
     finally:
         rt.cur_irq = saved
+
+
+def kvm_irq_is_postable(irq: KvmLapicIrq) -> bool:
+    """arch/x86/include/asm/kvm_host.h: kvm_irq_is_postable  [any context]
+
+    Only Fixed and Lowest-priority interrupts can be posted.
+    """
+    return irq.delivery_mode in (APIC_DM_FIXED, APIC_DM_LOWEST)
+
+
+def kvm_intr_is_single_vcpu_fast(kvm: Kvm, irq: KvmLapicIrq) -> KvmVcpu | None:
+    """arch/x86/kvm/lapic.c: kvm_intr_is_single_vcpu_fast → the one vCPU, or None  [RCU]
+
+    Through the APIC map: no shorthand, resolvable, exactly one destination bit with an
+    APIC behind it (lowest priority has picked its one destination already).
+    """
+    if irq.shorthand:
+        return None
+    ok, dst, offset, bitmap = kvm_apic_map_get_dest_lapic(kvm, None, irq, kvm.arch.apic_map)
+    if not ok or bitmap.bit_count() != 1:
+        return None
+    apic = dst[offset + bitmap.bit_length() - 1]
+    return None if apic is None else apic.vcpu
+
+
+def kvm_intr_is_single_vcpu(kvm: Kvm, irq: KvmLapicIrq) -> KvmVcpu | None:
+    """arch/x86/kvm/irq_comm.c: kvm_intr_is_single_vcpu → the one vCPU, or None  [process]
+
+    The fast map lookup, else every present APIC matching the destination: exactly one.
+    Differs from the kernel: returns the vCPU instead of a bool and an out-parameter.
+    """
+    vcpu = kvm_intr_is_single_vcpu_fast(kvm, irq)
+    if vcpu is not None:
+        return vcpu
+    found: KvmVcpu | None = None
+    for v in kvm.vcpus:
+        if not kvm_apic_present(v):
+            continue
+        if not kvm_apic_match_dest(v, None, irq.shorthand, irq.dest_id, irq.dest_mode):
+            continue
+        if found is not None:
+            return None
+        found = v
+    return found

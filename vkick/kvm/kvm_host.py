@@ -200,7 +200,11 @@ class KvmLapicState:
 
 @dataclass(slots=True)
 class PiDesc:
-    """arch/x86/kvm/vmx/posted_intr.h: struct pi_desc (64 bytes; control word split up)."""
+    """arch/x86/kvm/vmx/posted_intr.h: struct pi_desc (64 bytes; control word split up).
+
+    ``on``, ``sn``, ``nv``, ``ndst`` together are the 64-bit ``control`` word that the
+    cmpxchg loops of posted_intr.c read and swap as one (posted_intr.py ``_control``).
+    """
 
     pir: int = 0  # 256-bit Posted Interrupt Requests
     on: bool = False  # Outstanding Notification (control bit 0)
@@ -271,7 +275,9 @@ class KvmVcpu:
     task: TaskStruct | None = None  # the vCPU thread
     wait_task: TaskStruct | None = None  # rcuwait: the registered waiter, or None
     halt_poll_ns: int = 0
-    home_cpu: int = 0  # the physical CPU the vCPU thread is pinned to
+    home_cpu: int = 0  # the physical CPU the vCPU thread was pinned to at creation
+    preempt_notifier: Any = None  # kernel.sched.PreemptNotifier (kvm_sched_in/out)
+    pre_pcpu: int = -1  # VT-d PI: the CPU whose blocked_vcpu_on_cpu list holds it, or -1
     poll_fut: Any = None  # vkick: the halt-polling wait, poked by kvm_vcpu_wake_up
     preempted: bool = False
     ready: bool = False
@@ -292,6 +298,7 @@ class KvmArch:
     apic_map_lock: Mutex = field(default_factory=lambda: Mutex("apic_map_lock"))
     x2apic_format: bool = False  # KVM_X2APIC_API_USE_32BIT_IDS
     x2apic_broadcast_quirk_disabled: bool = False
+    assigned_device_count: int = 0  # atomic_t: irq-bypass producers attached (VFIO)
 
 
 @dataclass(slots=True, eq=False)

@@ -5,9 +5,13 @@ inject_pending_event (interrupt part), kvm_cpu_has_injectable_intr, kvm_cpu_has_
 kvm_vcpu_running, kvm_vcpu_has_events, kvm_arch_vcpu_runnable, vcpu_block,
 kvm_emulate_halt, vmx_handle_exit (the exit reasons on this path), handle_interrupt_window,
 kvm_pv_kick_cpu_op, handle_fastpath_set_x2apic_icr_irqoff, kvm_arch_vcpu_create,
-kvm_vcpu_reset, kvm_set_apic_base, kvm_arch_vcpu_ioctl_set_mpstate.  Bug toggles (kvm.toggles):
-``no-barrier-after-guest-mode`` (spec §16.1a), ``irqs-on-across-entry`` (§16.1b),
-``check-requests-before-guest-mode`` (§16.2).
+kvm_vcpu_reset, kvm_set_apic_base, kvm_arch_vcpu_ioctl_set_mpstate, kvm_arch_vcpu_load,
+kvm_arch_vcpu_put, kvm_arch_start_assignment, kvm_arch_end_assignment,
+kvm_arch_has_assigned_device, kvm_arch_has_irq_bypass, kvm_arch_irq_bypass_add_producer,
+kvm_arch_irq_bypass_del_producer, kvm_arch_update_irqfd_routing.  Bug toggles
+(kvm.toggles): ``no-barrier-after-guest-mode`` (spec §16.1a), ``irqs-on-across-entry``
+(§16.1b), ``check-requests-before-guest-mode`` (§16.2), ``bug-no-unblock-on-assignment``
+(bug #3).
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ from vkick.hw.apicv import (
     Exit,
     vmx_vcpu_run,
 )
-from vkick.hw.cpu import CpuContext, host_interrupt, local_irq_disable, local_irq_enable
+from vkick.hw.cpu import (
+    CpuContext,
+    __schedule,
+    host_interrupt,
+    local_irq_disable,
+    local_irq_enable,
+)
+from vkick.kernel.irqbypass import IrqBypassConsumer, IrqBypassProducer
 from vkick.kvm.kvm_host import (
     APIC_DEST_MASK,
     APIC_DEST_NOSHORT,
@@ -58,6 +69,8 @@ from vkick.kvm.kvm_main import (
     kvm_request_pending,
     kvm_test_request,
     kvm_vcpu_block,
+    kvm_vcpu_must_migrate,
+    kvm_vcpu_preemption_point,
     vcpu_load,
     vcpu_put,
 )
@@ -77,13 +90,17 @@ from vkick.kvm.lapic import (
     kvm_x2apic_msr_write,
 )
 from vkick.kvm.lapic_map import kvm_recalculate_apic_map
-from vkick.kvm.vmx.posted_intr import pi_post_block, pi_pre_block
+from vkick.kvm.vmx.posted_intr import pi_update_irte, vmx_pi_start_assignment
 from vkick.kvm.vmx.vmx import (
     vmx_cancel_injection,
     vmx_enable_irq_window,
     vmx_inject_irq,
     vmx_interrupt_allowed,
+    vmx_post_block,
+    vmx_pre_block,
     vmx_sync_pir_to_irr_entry,
+    vmx_vcpu_load,
+    vmx_vcpu_put,
 )
 
 _accept_irq = __apic_accept_irq  # module-level alias: safe to call from any scope
@@ -360,12 +377,14 @@ async def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
 async def vcpu_block(kvm: Kvm, vcpu: KvmVcpu) -> int:
     """arch/x86/kvm/x86.c: vcpu_block  [vCPU thread]
 
-    Sleep in kvm_vcpu_block unless already runnable; woken without KVM_REQ_UNHALT (a
-    KVM_REQ_UNBLOCK) → return to the loop; else accept INIT/SIPI and leave HALTED.
+    Sleep in kvm_vcpu_block unless already runnable or vmx_pre_block refuses (an
+    interrupt was posted during the wakeup-vector switch); then vmx_post_block.  Woken
+    without KVM_REQ_UNHALT (a KVM_REQ_UNBLOCK) → return to the loop; else accept INIT/SIPI
+    and leave HALTED.  Spec §14.5.
     """
-    if not kvm_arch_vcpu_runnable(vcpu) and not pi_pre_block(vcpu):
+    if not kvm_arch_vcpu_runnable(vcpu) and await vmx_pre_block(vcpu) == 0:
         await kvm_vcpu_block(vcpu)
-        pi_post_block(vcpu)
+        await vmx_post_block(vcpu)
         if not kvm_check_request(KVM_REQ_UNHALT, vcpu):
             return 1
     kvm_apic_accept_events(vcpu)
@@ -385,6 +404,8 @@ async def vcpu_run(vcpu: KvmVcpu) -> int:
     kvm = vcpu.kvm
     rt = kvm.rt
     host = kvm.host
+    task = vcpu.task
+    assert task is not None
     await vcpu_load(vcpu)
     slice_start = rt.now_ns()
     while True:
@@ -396,12 +417,16 @@ async def vcpu_run(vcpu: KvmVcpu) -> int:
         if r <= 0:
             break
         kvm_clear_request(KVM_REQ_UNBLOCK, vcpu)
+        # W-HOST-sched: xfer_to_guest_mode_handle_work — the host may preempt the thread
+        # here (need_resched): another runnable thread waits for this CPU and the time
+        # slice is used up, or the thread must migrate (sched_setaffinity).
         await rt.preempt("W-HOST-sched")
-        pcpu = host.pcpus[vcpu.cpu]
+        pcpu = host.pcpus[task.cpu]
         if pcpu.waiters and rt.now_ns() - slice_start >= host.costs.timeslice_ns:
-            vcpu_put(vcpu, preempted=True)
-            await vcpu_load(vcpu)
+            await __schedule(task, host, True, "time slice")
             slice_start = rt.now_ns()
+        elif kvm_vcpu_must_migrate(vcpu):
+            await kvm_vcpu_preemption_point(vcpu)
     vcpu_put(vcpu)
     return r
 
@@ -484,3 +509,104 @@ def kvm_arch_vcpu_ioctl_set_mpstate(vcpu: KvmVcpu, mp_state: MpState) -> int:
         vcpu.arch.mp_state = mp_state
     kvm_make_request(KVM_REQ_EVENT, vcpu)
     return 0
+# ---------------------------------------------------------------------------- load / put
+
+
+async def kvm_arch_vcpu_load(vcpu: KvmVcpu, cpu: int) -> None:
+    """arch/x86/kvm/x86.c: kvm_arch_vcpu_load  [vcpu_load / kvm_sched_in]
+
+    vmx_vcpu_load (→ vmx_vcpu_pi_load, which still sees the old ``vcpu->cpu``), then
+    ``vcpu->cpu`` := ``cpu`` if it changed (with clock and timer-migration requests, not
+    modelled).
+    """
+    await vmx_vcpu_load(vcpu, cpu)
+    if vcpu.cpu != cpu:
+        vcpu.cpu = cpu
+
+
+def kvm_arch_vcpu_put(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/x86.c: kvm_arch_vcpu_put  [vcpu_put / kvm_sched_out]
+
+    (Steal time, not modelled), vmx_vcpu_put.
+    """
+    vmx_vcpu_put(vcpu)
+
+
+# ---------------------------------------------------------------------------- assignment
+
+
+def kvm_arch_start_assignment(kvm: Kvm) -> None:
+    """arch/x86/kvm/x86.c: kvm_arch_start_assignment  [process]
+
+    Count an assigned device; on the first one, the start_assignment hook
+    (vmx_pi_start_assignment: KVM_REQ_UNBLOCK to every vCPU).  Bug toggle
+    ``bug-no-unblock-on-assignment`` re-creates bug #3: no hook (the kernel before
+    57ab87947abf / a2486020a82e, v5.13-rc4), only the count.
+    """
+    kvm.arch.assigned_device_count += 1
+    first = kvm.arch.assigned_device_count == 1
+    hook = first and "bug-no-unblock-on-assignment" not in kvm.toggles
+    if hook:
+        vmx_pi_start_assignment(kvm)
+    bus = kvm.rt.bus
+    if bus.on:
+        bus.emit("kvm_arch_start_assignment", vm=kvm.name,
+                 count=kvm.arch.assigned_device_count, hook=hook)
+
+
+def kvm_arch_end_assignment(kvm: Kvm) -> None:
+    """arch/x86/kvm/x86.c: kvm_arch_end_assignment  [process] — one assigned device less."""
+    kvm.arch.assigned_device_count -= 1
+
+
+def kvm_arch_has_assigned_device(kvm: Kvm) -> bool:
+    """arch/x86/kvm/x86.c: kvm_arch_has_assigned_device  [any context] — the count."""
+    return kvm.arch.assigned_device_count != 0
+
+
+def kvm_arch_has_irq_bypass() -> bool:
+    """arch/x86/kvm/x86.c: kvm_arch_has_irq_bypass  [any context] — always on x86."""
+    return True
+
+
+def kvm_arch_irq_bypass_add_producer(cons: IrqBypassConsumer,
+                                     prod: IrqBypassProducer) -> int:
+    """arch/x86/kvm/x86.c: kvm_arch_irq_bypass_add_producer  [process, irq bypass connect]
+
+    A VFIO vector and this irqfd share the eventfd: remember the producer, count the
+    assigned device (kvm_arch_start_assignment), and let pi_update_irte post the host IRQ
+    to the route's vCPU if it can (undoing the count on failure).
+    """
+    irqfd = cons.owner
+    kvm = irqfd.kvm
+    irqfd.producer = prod
+    kvm_arch_start_assignment(kvm)
+    ret = pi_update_irte(kvm, prod.irq, irqfd.gsi, True)
+    if ret:
+        kvm_arch_end_assignment(kvm)
+    return ret
+
+
+def kvm_arch_irq_bypass_del_producer(cons: IrqBypassConsumer,
+                                     prod: IrqBypassProducer) -> None:
+    """arch/x86/kvm/x86.c: kvm_arch_irq_bypass_del_producer  [process]
+
+    Back to remapped mode (pi_update_irte with set = 0), one assigned device less.
+    """
+    irqfd = cons.owner
+    kvm = irqfd.kvm
+    irqfd.producer = None
+    ret = pi_update_irte(kvm, prod.irq, irqfd.gsi, False)
+    if ret:
+        bus = kvm.rt.bus
+        if bus.on:
+            bus.emit("vkick_warn", what=f"irq bypass consumer unregistration fails: {ret}")
+    kvm_arch_end_assignment(kvm)
+
+
+def kvm_arch_update_irqfd_routing(kvm: Kvm, host_irq: int, guest_irq: int,
+                                  set_: bool) -> int:
+    """arch/x86/kvm/x86.c: kvm_arch_update_irqfd_routing — a route change re-decides the
+    IRTE (posted to which vCPU, or remapped): pi_update_irte."""
+    return pi_update_irte(kvm, host_irq, guest_irq, set_)
+

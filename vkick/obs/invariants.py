@@ -137,3 +137,36 @@ class InvariantChecker:
         # otherwise start a new trace that no record ever drops (memory must stay
         # bounded on a long log).
         self._trace.pop(irq, None)
+
+
+def pi_structural_violations(kvm: Any) -> list[Violation]:
+    """The posted-interrupt descriptor invariants of spec §16.4 and research/bugs.md
+    ("Oracles beyond §17"), checked on the state of ``kvm`` (a ``Kvm``) at a quiet point —
+    no vCPU thread between clearing ON and taking the PIR words (W-PIR-harvest), no posted
+    notification in flight:
+
+    * PIR ≠ 0 ⇒ ON or SN.  vmx_sync_pir_to_irr reads PIR only when ON is set, so a posted
+      vector with ON clear is stranded (bugs #4, #5).  SN with PIR bits is the preempted
+      vCPU's normal state; vmx_vcpu_pi_load sets ON when it clears SN.
+    * ON on a vCPU asleep in kvm_vcpu_block with IF = 1 ⇒ nobody owes it anything: its
+      runnability check would have harvested the PIR, so the wake-up was lost (bugs #2, #3,
+      #6).  (With IF = 0 the check does not look at interrupts: a legitimate wait.)
+    """
+    out: list[Violation] = []
+    for vcpu in kvm.vcpus:
+        if not vcpu.arch.apicv_active:
+            continue
+        pi = vcpu.pi_desc
+        where = f"{kvm.name} vcpu {vcpu.vcpu_id}"
+        if pi.pir and not pi.on and not pi.sn:
+            out.append(Violation(
+                "16.4 PIR≠0 ⇒ ON", f"{where}: PIR {pi.pir:#x} with ON and SN clear "
+                f"(NV {pi.nv:#x}, NDST {pi.ndst:#x})"))
+        task = vcpu.wait_task
+        asleep = task is not None and task.sleeping
+        if pi.on and asleep and vcpu.arch.rflags_if:
+            out.append(Violation(
+                "16.4 ON ⇒ a notification or sync is owed",
+                f"{where}: asleep in kvm_vcpu_block with ON set (PIR {pi.pir:#x}, NV "
+                f"{pi.nv:#x}, NDST {pi.ndst:#x}, pre_pcpu {vcpu.pre_pcpu})"))
+    return out

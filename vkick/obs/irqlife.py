@@ -1,7 +1,8 @@
 """Each interrupt's whole life as one record: ``vkick_irq``.
 
 :class:`IrqLife` follows every correlation id from its source (an eventfd signal,
-KVM_SIGNAL_MSI, a guest IPI) through ``kvm_apic_accept_irq`` (path, coalesced) to the
+KVM_SIGNAL_MSI, a guest IPI, an assigned device's MSI) through ``kvm_apic_accept_irq`` or
+``vkick_iommu_post`` (VT-d posting, path ``vtd``) (path, coalesced) to the
 ``vkick_guest_irq`` that satisfied it, and emits one ``vkick_irq`` record per (source,
 destination vCPU) on the same bus — so it is logged at info level, counted online and read
 back offline like any event.  Sources never delivered are emitted by :meth:`finish` with
@@ -18,7 +19,7 @@ from typing import Any, Final
 from vkick.runtime.events import EventBus, EventRecord
 
 _SOURCES: Final = {"eventfd_signal": "signal", "kvm_msi_set_irq": "msi",
-                   "kvm_apic_ipi": "ipi"}
+                   "kvm_apic_ipi": "ipi", "vkick_device_msi": "vtd"}
 
 
 class _Life:
@@ -50,6 +51,10 @@ class IrqLife:
             life = self.live.get(rec["irq"])
             if life is not None and rec["vcpu"] not in life.accept:
                 life.accept[rec["vcpu"]] = (rec["t"], rec["path"], rec["coalesced"])
+        elif ev == "vkick_iommu_post":
+            life = self.live.get(rec["irq"])
+            if life is not None and rec["vcpu"] not in life.accept:
+                life.accept[rec["vcpu"]] = (rec["t"], "vtd", rec["notify"] == "none")
         elif ev == "vkick_guest_irq":
             for irq in rec["irq"]:
                 life = self.live.get(irq)
@@ -57,10 +62,11 @@ class IrqLife:
                     self._emit(irq, life, rec)
         elif ev in _SOURCES:
             irq = rec.get("irq")
-            if irq and irq not in self.live:
+            if irq and irq not in self.live and rec.get("mode") != "blocked":
                 kind = _SOURCES[ev]
                 origin = (rec["efd"] if kind == "signal" else
-                          f"ipi {rec['vm']}/{rec['vcpu']}" if kind == "ipi" else "msi")
+                          f"ipi {rec['vm']}/{rec['vcpu']}" if kind == "ipi" else
+                          f"dev {rec['dev']}/{rec['msi']}" if kind == "vtd" else "msi")
                 self.live[irq] = _Life(kind, origin, rec["t"], rec.get("vm", ""))
 
     def _emit(self, irq: int, life: _Life, delivery: EventRecord) -> None:

@@ -114,9 +114,39 @@ EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in (
     _ev("kvm_vm_ioctl_create_vcpu", "debug", "KVM_CREATE_VCPU: the vCPU became visible in "
         "kvm->vcpus", VM, VCPU, ("idx", "int", "vcpu_idx (position in kvm->vcpus)")),
     _ev("vkick_host_ipi", "info", "a physical IPI is sent to a pCPU's inbox", PCPU,
-        ("hvector", "int", "host vector (0xf2 PI notification, 0xfd reschedule)"),
+        ("hvector", "int", "host vector (0xf2 PI notification, 0xf1 PI wakeup, 0xfd "
+                           "reschedule, 0xfc call function)"),
         ("vm", "str", "VM of the vCPU it is meant for (\"\": none)"),
         ("vcpu", "int", "vCPU it is meant for (-1: none)")),
+    _ev("vkick_device_msi", "info", "an assigned device raises an MSI (an interrupt source: "
+        "vkick/hw/iommu.py)", ("dev", "str", "device"), ("msi", "int", "MSI(-X) vector index"),
+        IRQ, ("mode", "str", "posted | remapped (its IRTE's mode) | blocked (no IRTE: "
+                             "dropped)")),
+    _ev("vkick_iommu_post", "debug", "VT-d posts into a posted-interrupt descriptor (PIR; ON "
+        "and the notification unless SN)", VM, VCPU, VECTOR, IRQ,
+        ("notify", "str", "ipi | suppressed (SN set) | none (ON already set)"),
+        ("pcpu", "int", "NDST: the CPU notified"), ("hvector", "int", "NV")),
+    _ev("vkick_iommu_remap", "debug", "VT-d remaps an MSI to a host vector on a host CPU", PCPU,
+        ("hvector", "int", "host vector"), IRQ),
+    _ev("vfio_msihandler", "debug", "drivers/vfio/pci/vfio_pci_intrs.c vfio_msihandler: the "
+        "device IRQ's handler signals its eventfd in hardirq context", PCPU,
+        ("efd", "str", "eventfd name"), IRQ),
+    _ev("kvm_pi_irte_update", "info", "KVM posts a host IRQ to a vCPU (set) or takes it back",
+        VM, ("host_irq", "int", "host IRQ"), VCPU, GSI, VECTOR,
+        ("set", "bool", "posted mode on")),
+    _ev("kvm_arch_start_assignment", "info", "an assigned device is counted (irq bypass "
+        "connected)", VM, ("count", "int", "assigned devices"),
+        ("hook", "bool", "the start_assignment hook ran (KVM_REQ_UNBLOCK to every vCPU)")),
+    _ev("vmx_vcpu_pi_load", "debug", "vmx_vcpu_pi_load changed the descriptor (SN, NDST, ON)",
+        VM, VCPU, PCPU, ("ndst", "int", "NDST after"), ("on", "bool", "ON after")),
+    _ev("vmx_vcpu_pi_put", "debug", "vmx_vcpu_pi_put set SN on a preempted vCPU", VM, VCPU,
+        ("sn", "bool", "SN after")),
+    _ev("pi_pre_block", "debug", "pi_pre_block switched NV to the wakeup vector (r = 1: undone, "
+        "ON was set: do not block)", VM, VCPU, PCPU, ("r", "int", "1 do not block, 0 block")),
+    _ev("pi_post_block", "debug", "pi_post_block switched NV back to the notification vector",
+        VM, VCPU, PCPU),
+    _ev("pi_wakeup_handler", "debug", "POSTED_INTR_WAKEUP_VECTOR on a CPU: kick the listed "
+        "vCPUs with ON set", PCPU, ("kicked", "list[int]", "vCPU ids kicked")),
     _ev("vkick_pi_notification", "debug", "posted-interrupt processing in guest mode", VM,
         VCPU, PCPU, ("in_guest", "bool", "processed by the hardware without an exit")),
     _ev("kvm_entry", "debug", "VM entry", VM, VCPU, PCPU),
@@ -134,10 +164,13 @@ EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in (
         ("ns", "int", "time blocked"), ("waited", "bool", "slept (not only polled)"),
         ("valid", "bool", "woken for a reason")),
     _ev("vkick_halt", "debug", "the vCPU halted (kvm_emulate_halt)", VM, VCPU),
-    _ev("vkick_vcpu_load", "debug", "vcpu_load: the vCPU thread runs on a pCPU", VM, VCPU,
+    _ev("vkick_vcpu_load", "debug", "vcpu_load / kvm_sched_in: the vCPU thread runs on a "
+        "pCPU", VM, VCPU,
         PCPU, ("preempted", "bool", "always false on load")),
-    _ev("vkick_vcpu_put", "debug", "vcpu_put: the vCPU thread leaves its pCPU", VM, VCPU,
-        PCPU, ("preempted", "bool", "involuntarily (time slice)")),
+    _ev("vkick_vcpu_put", "debug", "vcpu_put / kvm_sched_out: the vCPU thread leaves its "
+        "pCPU (it sleeps, is preempted, or leaves KVM_RUN)", VM, VCPU,
+        PCPU, ("preempted", "bool", "involuntarily, still TASK_RUNNING (time slice, "
+                                    "migration)")),
     _ev("workqueue_queue_work", "debug", "queue_work (queued false: merged into a pending run)",
         ("wq", "str", "workqueue"), ("work", "str", "work item"),
         ("queued", "bool", "newly queued")),
@@ -149,10 +182,11 @@ EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in (
         "vkick/obs/irqlife.py when the guest takes it, or at the end if it never did)",
         IRQ, VM, ("vcpu", "int", "destination vCPU (-1: never delivered)"),
         ("vector", "int", "vector taken (-1: never delivered)"),
-        ("source", "str", "signal | msi | ipi"),
+        ("source", "str", "signal | msi | ipi | vtd"),
         ("origin", "str", "the signalled eventfd (a vhost queue's call eventfd), \"msi\", "
-                          "or \"ipi VM/vCPU\""),
-        ("path", "str", "posted | posted_kick | wakeup | irr_kick | wq | coalesced | unknown"),
+                          "\"ipi VM/vCPU\", or \"dev DEVICE/MSI\""),
+        ("path", "str", "posted | posted_kick | wakeup | irr_kick | wq | coalesced | vtd | "
+                        "unknown"),
         ("coalesced", "bool", "satisfied by a delivery shared with other sources"),
         ("first", "bool", "the first record of this source (count sources with it)"),
         ("delivered", "bool", "the guest took it"),

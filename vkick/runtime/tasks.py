@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -176,16 +177,21 @@ class Runtime:
             self._failed.set_result(None)
 
     def spawn(self, name: str, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        """Start ``fn(*args)`` as the supervised emulated task ``name``."""
+        """Start ``fn(*args)`` as the supervised emulated task ``name``.
+
+        The task starts in a fresh context: one spawned from inside a vCPU thread or an
+        interrupt handler does not inherit that caller's CPU (hw/cpu.py ``current_pcpu``).
+        """
         if self._tg is None:
             self.start()
         assert self._tg is not None
+        fresh = contextvars.Context()
         if self.loop.is_running():
-            self._tg.start_soon(self._guard, name, fn, args, name=name)
+            fresh.run(self._start_soon, name, fn, args)
         else:
             # anyio's start_soon needs a running loop; defer to the loop's first turn
             # (spawn order is kept: call_soon is FIFO).
-            self.loop.call_soon(self._start_soon, name, fn, args)
+            self.loop.call_soon(self._start_soon, name, fn, args, context=fresh)
 
     def _start_soon(self, name: str, fn: Callable[..., Coroutine[Any, Any, Any]],
                     args: tuple[Any, ...]) -> None:

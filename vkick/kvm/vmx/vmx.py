@@ -3,16 +3,70 @@ software event-injection helpers.
 
 Covered: vmx_deliver_posted_interrupt, kvm_vcpu_trigger_posted_interrupt,
 vmx_sync_pir_to_irr, vmx_set_rvi, vmx_interrupt_allowed, vmx_inject_irq,
-vmx_enable_irq_window, vmx_cancel_injection.  Bug toggles (kvm.toggles, research/bugs.md):
-``fix-running-vcpu-shortcut`` (bug #2's 5.16 fix), ``clear-on-after-harvest`` (spec §16.4).
+vmx_enable_irq_window, vmx_cancel_injection, vmx_vcpu_load, vmx_vcpu_put, vmx_pre_block,
+vmx_post_block, hardware_setup (the posted-interrupt wakeup handler).  Bug toggles
+(kvm.toggles, research/bugs.md): ``fix-running-vcpu-shortcut`` (bug #2's 5.16 fix),
+``clear-on-after-harvest`` (spec §16.4).
 """
 
 from __future__ import annotations
 
-from vkick.hw.cpu import send_ipi
+from vkick.hw.cpu import HwHost, kvm_set_posted_intr_wakeup_handler, send_ipi
 from vkick.kvm.kvm_host import IN_GUEST_MODE, POSTED_INTR_VECTOR, KvmVcpu, MpState
 from vkick.kvm.kvm_main import kvm_get_running_vcpu, kvm_vcpu_kick
-from vkick.kvm.vmx.posted_intr import pi_test_and_clear_on, pi_test_and_set_on, pi_test_and_set_pir
+from vkick.kvm.vmx.posted_intr import (
+    pi_post_block,
+    pi_pre_block,
+    pi_test_and_clear_on,
+    pi_test_and_set_on,
+    pi_test_and_set_pir,
+    pi_wakeup_handler,
+    vmx_vcpu_pi_load,
+    vmx_vcpu_pi_put,
+)
+
+
+def hardware_setup(host: HwHost) -> None:
+    """arch/x86/kvm/vmx/vmx.c: hardware_setup (the part on this path)  [module init]
+
+    Register pi_wakeup_handler as the host's POSTED_INTR_WAKEUP_VECTOR handler.
+    """
+    kvm_set_posted_intr_wakeup_handler(host, pi_wakeup_handler)
+
+
+async def vmx_vcpu_load(vcpu: KvmVcpu, cpu: int) -> None:
+    """arch/x86/kvm/vmx/vmx.c: vmx_vcpu_load  [vcpu_load / kvm_sched_in]
+
+    (The VMCS load, not modelled), then vmx_vcpu_pi_load.
+    """
+    await vmx_vcpu_pi_load(vcpu, cpu)
+
+
+def vmx_vcpu_put(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/vmx/vmx.c: vmx_vcpu_put  [vcpu_put / kvm_sched_out]
+
+    vmx_vcpu_pi_put, (then the host state, not modelled).
+    """
+    vmx_vcpu_pi_put(vcpu)
+
+
+async def vmx_pre_block(vcpu: KvmVcpu) -> int:
+    """arch/x86/kvm/vmx/vmx.c: vmx_pre_block → 1 "do not block", 0 "block"  [vCPU thread]
+
+    pi_pre_block; (the switch from the VMX preemption timer to an hrtimer is not
+    modelled).  Spec §12.7.
+    """
+    if await pi_pre_block(vcpu):
+        return 1
+    return 0
+
+
+async def vmx_post_block(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/vmx/vmx.c: vmx_post_block  [vCPU thread]
+
+    (Back to the preemption timer, not modelled), then pi_post_block.
+    """
+    await pi_post_block(vcpu)
 
 
 def kvm_vcpu_trigger_posted_interrupt(vcpu: KvmVcpu, nested: bool) -> bool:

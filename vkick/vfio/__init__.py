@@ -1,0 +1,1 @@
+"""VFIO: assigning a host PCI device to a VM (drivers/vfio)."""
