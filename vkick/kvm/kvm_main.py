@@ -2,7 +2,8 @@
 kick / wake / block, vcpu_load / vcpu_put.
 
 Covered: kvm_create_vm, kvm_vm_ioctl_create_vcpu, kvm_make_request, kvm_check_request,
-kvm_test_request, kvm_clear_request, kvm_request_pending, kvm_vcpu_exiting_guest_mode,
+kvm_test_request, kvm_clear_request, kvm_request_pending, kvm_request_needs_ipi,
+kvm_make_vcpus_request_mask, kvm_make_all_cpus_request, kvm_vcpu_exiting_guest_mode,
 kvm_arch_vcpu_should_kick, kvm_vcpu_kick, kvm_vcpu_wake_up, kvm_vcpu_block,
 kvm_vcpu_check_block, kvm_get_running_vcpu, vcpu_load, vcpu_put (kvm_sched_in/out).
 """
@@ -29,11 +30,15 @@ from vkick.kernel.sched import (
 )
 from vkick.kernel.sched import set_current_state as _set_state
 from vkick.kvm.kvm_host import (
+    CALL_FUNCTION_VECTOR,
     EXITING_GUEST_MODE,
     IN_GUEST_MODE,
     KVM_REQ_UNBLOCK,
     KVM_REQ_UNHALT,
     KVM_REQUEST_MASK,
+    KVM_REQUEST_NO_WAKEUP,
+    KVM_REQUEST_WAIT,
+    OUTSIDE_GUEST_MODE,
     RESCHEDULE_VECTOR,
     Kvm,
     KvmVcpu,
@@ -111,6 +116,50 @@ def kvm_check_request(req: int, vcpu: KvmVcpu) -> bool:
 def kvm_request_pending(vcpu: KvmVcpu) -> bool:
     """include/linux/kvm_host.h: kvm_request_pending."""
     return vcpu.requests != 0
+
+
+def kvm_request_needs_ipi(vcpu: KvmVcpu, req: int) -> bool:
+    """virt/kvm/kvm_main.c: kvm_request_needs_ipi — CAS the mode IN_GUEST → EXITING; a
+    KVM_REQUEST_WAIT request needs the IPI unless the vCPU is outside guest mode, others
+    only if it was in guest mode."""
+    mode = kvm_vcpu_exiting_guest_mode(vcpu)
+    if req & KVM_REQUEST_WAIT:
+        return mode != OUTSIDE_GUEST_MODE
+    return mode == IN_GUEST_MODE
+
+
+def kvm_make_vcpus_request_mask(kvm: Kvm, req: int, except_: KvmVcpu | None,
+                                vcpu_bitmap: int | None) -> bool:
+    """virt/kvm/kvm_main.c: kvm_make_vcpus_request_mask  [any context]
+
+    Set ``req`` on every vCPU of ``vcpu_bitmap`` (None: all) but ``except_``; wake it
+    unless KVM_REQUEST_NO_WAKEUP; IPI (CALL_FUNCTION_VECTOR) the other CPUs whose vCPU is
+    in guest mode (kvm_request_needs_ipi) so it exits and sees the request before its next
+    entry.  True if any IPI was sent.
+    Differs from the kernel: smp_call_function_many's wait for the targets to run the
+    (empty) IPI function with KVM_REQUEST_WAIT is not modelled — the caller goes on at
+    once; every target still handles the request before it re-enters the guest.
+    """
+    me = smp_processor_id()
+    cpus: list[int] = []
+    for i, vcpu in enumerate(kvm.vcpus):
+        if (vcpu_bitmap is not None and not vcpu_bitmap >> i & 1) or vcpu is except_:
+            continue
+        kvm_make_request(req, vcpu)
+        cpu = vcpu.cpu
+        if not req & KVM_REQUEST_NO_WAKEUP and kvm_vcpu_wake_up(vcpu):
+            continue
+        if cpu not in (-1, me) and kvm_request_needs_ipi(vcpu, req) and cpu not in cpus:
+            cpus.append(cpu)
+    host = kvm.host
+    for cpu in cpus:  # kvm_kick_many_cpus → smp_call_function_many(cpus, ack_flush, …)
+        send_ipi(host, cpu, CALL_FUNCTION_VECTOR)
+    return bool(cpus)
+
+
+def kvm_make_all_cpus_request(kvm: Kvm, req: int) -> bool:
+    """virt/kvm/kvm_main.c: kvm_make_all_cpus_request — the request to every vCPU."""
+    return kvm_make_vcpus_request_mask(kvm, req, None, None)
 
 
 # ---------------------------------------------------------------------------- kick and wake

@@ -118,6 +118,10 @@ def kvm_recalculate_apic_map(kvm: Kvm) -> None:
     kvm.arch.apic_map = new
     if kvm.arch.apic_map_dirty == UPDATE_IN_PROGRESS:
         kvm.arch.apic_map_dirty = CLEAN
+    # Destinations may have changed: every vCPU rescans its IOAPIC-handled vectors.
+    from vkick.kvm.x86 import kvm_make_scan_ioapic_request  # noqa: PLC0415
+
+    kvm_make_scan_ioapic_request(kvm)
 
 
 def kvm_lowest_prio_delivery(irq: KvmLapicIrq) -> bool:
