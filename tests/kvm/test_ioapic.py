@@ -576,3 +576,23 @@ def test_ioapic_write_indirect_fix_resample_on_unmask_resamples_instead_of_deliv
     assert [e["gsi"] for e in events] == [5] and validate(events[0]) == []
     assert resamplefd.count == 1 and ioapic.irr == 1 << 6
     assert _apic(kvm.vcpus[0]).irr == 1 << 0x62  # pin 6 has no resampler: delivered
+
+
+def test_ioapic_service_correlation_ids_follow_the_line(rt: Runtime) -> None:
+    """vkick bookkeeping: an edge delivery consumes the asserting signal's id; every
+    delivery of a held level line carries it; the line's fall drops it."""
+    kvm = _vm(rt)
+    ioapic = _ioapic(kvm)
+    _program(kvm, 4, 0x44)
+    _program(kvm, 5, 0x55 | LEVEL)
+    with capture_events(rt.bus, "ioapic_service") as events:
+        rt.cur_irq = 7
+        kvm_ioapic_set_irq(ioapic, 4, 0, 1, False)
+        kvm_ioapic_set_irq(ioapic, 5, 0, 1, False)
+        rt.cur_irq = 0
+        ioapic.redirtbl[5].remote_irr = 0  # as an EOI would
+        ioapic_service(ioapic, 5, False)
+    assert [(e["pin"], e["irq"]) for e in events] == [(4, [7]), (5, [7]), (5, [7])]
+    assert ioapic.pin_irqs[4] == [] and ioapic.pin_irqs[5] == [7]
+    kvm_ioapic_set_irq(ioapic, 5, 0, 0, False)
+    assert ioapic.pin_irqs[5] == []

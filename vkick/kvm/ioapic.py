@@ -124,7 +124,8 @@ class KvmIoapic:
     KVM_GET_IRQCHIP reads it); ``irq_states[pin]`` is the bitmap of the interrupt sources
     holding the line up; ``irq_eoi[pin]`` counts back-to-back re-deliveries at EOI (storm
     guard).  ``pin_irqs`` is vkick bookkeeping with no kernel counterpart: the correlation
-    ids of the signals that asserted each pin and are not yet carried by a delivery.
+    ids of the signals that asserted each pin (dropped when the line falls; an edge
+    delivery consumes them, a level line's deliveries all carry them).
     """
 
     kvm: Kvm
@@ -352,6 +353,7 @@ def ioapic_write_indirect(ioapic: KvmIoapic, val: int) -> None:
 
             if kvm_notify_irqfd_resampler(kvm, KVM_IRQCHIP_IOAPIC, index):
                 ioapic.irr &= ~(1 << index)
+                ioapic.pin_irqs[index] = []
             else:
                 ioapic_service(ioapic, index, False)
     elif e.trig_mode == IOAPIC_LEVEL_TRIG and ioapic.irr >> index & 1:
@@ -388,9 +390,14 @@ def ioapic_service(ioapic: KvmIoapic, irq: int, line_status: bool) -> int:
                        level=True, shorthand=APIC_DEST_NOSHORT, msi_redir_hint=False)
     if irqe.trig_mode == IOAPIC_EDGE_TRIG:
         ioapic.irr_delivered |= 1 << irq
-    # The signals that asserted the pin travel with this delivery (vkick bookkeeping).
+    # The signals that asserted the pin travel with this delivery (vkick bookkeeping): an
+    # edge consumes them; a level line keeps them until it falls, so a re-delivery at EOI
+    # of a line still held carries the assertion it serves.
     ids = ioapic.pin_irqs[irq]
-    ioapic.pin_irqs[irq] = []
+    if irqe.trig_mode == IOAPIC_EDGE_TRIG:
+        ioapic.pin_irqs[irq] = []
+    else:
+        ids = list(ids)
     saved_irq, saved_merged = rt.cur_irq, rt.cur_merged
     if ids:
         rt.cur_irq, rt.cur_merged = ids[0], ids[1:]
