@@ -87,7 +87,7 @@ BAD = {
     "wrong-type": ('name = "x"\n[topology]\nvcpus = "two"\n', "topology.vcpus"),
     "vector-below-16": ('name = "x"\n[topology]\nvcpus = 1\n[[routes]]\ngsi = 1\n'
                         'address = 0xfee00000\ndata = 0x0f\n', "routes[0].data"),
-    "route-type": ('name = "x"\n[topology]\nvcpus = 1\n[[routes]]\ngsi = 1\ntype = "irqchip"\n'
+    "route-type": ('name = "x"\n[topology]\nvcpus = 1\n[[routes]]\ngsi = 1\ntype = "hv_sint"\n'
                    'address = 0\ndata = 0x41\n', "routes[0].type"),
     "missing-irqfd": ('name = "x"\n[topology]\nvcpus = 1\n[[steps]]\ndo = "signal"\n'
                       'irqfd = "nope"\n', "steps[0].irqfd"),

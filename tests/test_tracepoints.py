@@ -54,8 +54,9 @@ def test_every_emitted_event_conforms_to_the_schema() -> None:
         for rec in run.events:
             col(rec)
     assert not col.problems, col.problems
-    # The scenarios and the configs exercise nearly the whole schema.
-    assert len(col.seen) >= len(EVENTS) - 4, sorted(set(EVENTS) - col.seen)
+    # The scenarios and the configs exercise nearly the whole schema (the IOAPIC's EOI-storm
+    # event needs 10000 back-to-back EOIs: tests/kvm/test_ioapic.py validates it).
+    assert len(col.seen) >= len(EVENTS) - 5, sorted(set(EVENTS) - col.seen)
 
 
 def test_validate_flags_unknown_events_and_wrong_fields() -> None:

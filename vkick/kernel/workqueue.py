@@ -8,14 +8,17 @@ itself (non-reentrancy).
 
 Model: each workqueue has one pool of ``nr_workers`` kworkers (emulated tasks spawned with
 ``rt.spawn``) and one FIFO worklist.  The kernel's per-CPU pools, concurrency management
-(a second worker runs only when the first sleeps), ``max_active`` limits, delayed works and
-rescuers are not modelled: an idle kworker is woken whenever work is queued, and kworkers run
+(a second worker runs only when the first sleeps), ``max_active`` limits and rescuers are
+not modelled: an idle kworker is woken whenever work is queued, and kworkers run
 work functions concurrently with each other.  ``queue_work_on``'s ``cpu`` is recorded only.
 
 Covered: ``INIT_WORK`` (``WorkStruct``), ``queue_work_on``, ``queue_work``,
 ``schedule_work``, ``__queue_work``, ``worker_thread``, ``process_one_work``, ``flush_work``,
 ``flush_workqueue``, ``cancel_work_sync``, ``work_pending``, ``alloc_workqueue``,
-``destroy_workqueue``, ``system_wq``.  Work functions may be plain or ``async def``.
+``destroy_workqueue``, ``system_wq``, and delayed works (``DelayedWork``,
+``queue_delayed_work_on``, ``queue_delayed_work``, ``schedule_delayed_work``,
+``delayed_work_timer_fn``, ``cancel_delayed_work_sync``; delays in ns, not jiffies).  Work
+functions may be plain or ``async def``.
 """
 
 from __future__ import annotations
@@ -386,3 +389,82 @@ async def destroy_workqueue(wq: Workqueue) -> None:
     while wq.idle:
         wake_up_process(wq.idle.popleft().task)
 
+
+
+class DelayedWork:
+    """include/linux/workqueue.h: struct delayed_work (INIT_DELAYED_WORK)
+
+    A work item and the timer that queues it.  PENDING is taken when the timer is armed,
+    so a second request while the timer runs or the work is queued is merged.
+    """
+
+    __slots__ = ("cpu", "timer", "work", "wq")
+
+    def __init__(self, rt: Runtime, func: WorkFunc, name: str = "") -> None:
+        self.work = WorkStruct(rt, func, name)
+        self.timer: asyncio.TimerHandle | None = None
+        self.wq: Workqueue | None = None
+        self.cpu = WORK_CPU_UNBOUND
+
+    def __repr__(self) -> str:
+        return f"<delayed_work {self.work!r} timer={'armed' if self.timer else 'idle'}>"
+
+
+def delayed_work_timer_fn(dwork: DelayedWork) -> None:
+    """kernel/workqueue.c: delayed_work_timer_fn  [softirq: timer]
+
+    The delay has passed: queue the work (PENDING is already owned).
+    """
+    dwork.timer = None
+    wq = dwork.wq
+    assert wq is not None
+    __queue_work(dwork.cpu, wq, dwork.work)
+
+
+def queue_delayed_work_on(cpu: int, wq: Workqueue, dwork: DelayedWork, delay_ns: int) -> bool:
+    """kernel/workqueue.c: queue_delayed_work_on  [any context]
+
+    Test-and-set PENDING (False: already pending, merged); a zero delay queues at once,
+    otherwise the timer queues the work ``delay_ns`` from now.
+    Differs from the kernel: the delay is in ns rather than jiffies.
+    """
+    work = dwork.work
+    pending, work.data = test_and_set_bit(WORK_STRUCT_PENDING_BIT, work.data)
+    if pending:
+        return False
+    dwork.wq = wq
+    dwork.cpu = cpu
+    if delay_ns <= 0:
+        __queue_work(cpu, wq, work)
+        return True
+    rt = work.rt
+    dwork.timer = rt.loop.call_at((rt.now_ns() + delay_ns) / 1e9, delayed_work_timer_fn,
+                                  dwork)
+    return True
+
+
+def queue_delayed_work(wq: Workqueue, dwork: DelayedWork, delay_ns: int) -> bool:
+    """include/linux/workqueue.h: queue_delayed_work — on any CPU."""
+    return queue_delayed_work_on(WORK_CPU_UNBOUND, wq, dwork, delay_ns)
+
+
+def schedule_delayed_work(dwork: DelayedWork, delay_ns: int) -> bool:
+    """include/linux/workqueue.h: schedule_delayed_work — on the system workqueue."""
+    return queue_delayed_work_on(WORK_CPU_UNBOUND, system_wq(dwork.work.rt), dwork, delay_ns)
+
+
+async def cancel_delayed_work_sync(dwork: DelayedWork) -> bool:
+    """kernel/workqueue.c: cancel_delayed_work_sync  [process; sleeps]
+
+    Stop an armed timer (releasing the PENDING it held), else cancel the work as
+    ``cancel_work_sync`` does.  Returns whether it was pending.
+    """
+    timer = dwork.timer
+    if timer is not None:
+        timer.cancel()
+        dwork.timer = None
+        work = dwork.work
+        work.data = clear_bit(WORK_STRUCT_PENDING_BIT, work.data)
+        await flush_work(work)
+        return True
+    return await cancel_work_sync(dwork.work)

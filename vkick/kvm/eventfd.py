@@ -1,22 +1,34 @@
 """virt/kvm/eventfd.c: irqfd (an eventfd bound to a GSI) and ioeventfd (a guest doorbell that
 signals an eventfd).
 
-Covered: irqfd_inject, irqfd_wakeup, irqfd_ptable_queue_proc, irqfd_update,
-kvm_irqfd_assign, irqfd_deactivate, kvm_irqfd_deassign, irqfd_shutdown, kvm_irqfd_release,
-kvm_irq_routing_update, kvm_irqfd_init, ioeventfd_write, and the irq bypass consumer each
-irqfd registers (VFIO's producer may connect to it: VT-d posting).  Left out: the resampler
-(level-triggered irqfds: MSI irqfds, the vhost case, never have one; KVM_IRQFD_FLAG_RESAMPLE is
-refused).
+Covered: irqfd_inject, irqfd_resampler_ack, irqfd_resampler_shutdown, irqfd_wakeup,
+irqfd_ptable_queue_proc, irqfd_update, kvm_irqfd_assign (with KVM_IRQFD_FLAG_RESAMPLE),
+irqfd_deactivate, kvm_irqfd_deassign, irqfd_shutdown, kvm_irqfd_release,
+kvm_irq_routing_update, kvm_irqfd_init, kvm_irq_has_notifier, kvm_notify_acked_gsi,
+kvm_notify_acked_irq, kvm_register_irq_ack_notifier, kvm_unregister_irq_ack_notifier,
+ioeventfd_write, and the irq bypass consumer each irqfd registers (VFIO's producer may
+connect to it: VT-d posting).
+
+Resampling irqfds emulate a level-triggered line (spec §8.9): a signal asserts the GSI with
+the shared KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID and leaves it asserted; when the guest EOIs the
+pin's vector the GSI's ack notifier (the resampler, one per GSI, shared by every resampling
+irqfd on it) de-asserts the line and signals each irqfd's resamplefd, so that the VMM can
+re-check the device and signal again.  MSI irqfds (the vhost case) never need one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from vkick.kernel.eventfd import (
     EventfdCtx,
     eventfd_ctx_do_read,
+    eventfd_ctx_fileget,
+    eventfd_ctx_put,
     eventfd_ctx_remove_wait_queue,
     eventfd_poll,
     eventfd_signal,
@@ -51,9 +63,19 @@ from vkick.kernel.workqueue import (
     queue_work,
     schedule_work,
 )
+from vkick.kvm.irq import kvm_arch_irqfd_allowed
 from vkick.kvm.irq_comm import kvm_arch_set_irq_inatomic
-from vkick.kvm.irqchip import KvmKernelIrqRoutingEntry, kvm_irq_map_gsi, kvm_set_irq
-from vkick.kvm.kvm_host import KVM_USERSPACE_IRQ_SOURCE_ID, Kvm
+from vkick.kvm.irqchip import (
+    KvmKernelIrqRoutingEntry,
+    kvm_irq_map_chip_pin,
+    kvm_irq_map_gsi,
+    kvm_set_irq,
+)
+from vkick.kvm.kvm_host import (
+    KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID,
+    KVM_USERSPACE_IRQ_SOURCE_ID,
+    Kvm,
+)
 
 KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
 KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
@@ -81,6 +103,33 @@ class KvmKernelIrqfd:
     pending_irqs: list[int] = field(default_factory=list)
     consumer: IrqBypassConsumer = field(default_factory=IrqBypassConsumer)
     producer: IrqBypassProducer | None = None
+    resampler: KvmKernelIrqfdResampler | None = None  # resampling irqfds only
+    resamplefd: EventfdCtx | None = None  # signalled on the guest's EOI (resampling only)
+
+
+@dataclass(slots=True, eq=False)
+class KvmIrqAckNotifier:
+    """include/linux/kvm_host.h: struct kvm_irq_ack_notifier — ``irq_acked`` runs when the
+    guest EOIs the vector of the IOAPIC pin that ``gsi`` is routed to.  ``owner`` is the
+    containing struct (container_of)."""
+
+    gsi: int
+    irq_acked: Callable[[KvmIrqAckNotifier], None]
+    owner: Any = None
+
+
+@dataclass(slots=True, eq=False)
+class KvmKernelIrqfdResampler:
+    """include/linux/kvm_irqfd.h: struct kvm_kernel_irqfd_resampler
+
+    One per GSI with resampling irqfds: ``list`` holds them (an RCU list, newest first,
+    changed under ``kvm.resampler_lock``), ``notifier`` is the GSI's ack notifier; the
+    resampler itself is on ``kvm.resampler_list`` (its ``link``).
+    """
+
+    kvm: Kvm
+    notifier: KvmIrqAckNotifier
+    list: list[KvmKernelIrqfd] = field(default_factory=list)
 
 
 def kvm_irqfd_init(kvm: Kvm) -> None:
@@ -101,8 +150,10 @@ async def irqfd_inject(work: WorkStruct) -> None:
     """virt/kvm/eventfd.c: irqfd_inject  [process: kworker]
 
     The slow path: assert then de-assert the GSI through the *current* routing table (not
-    the cached entry).  Runs once for however many signals were merged into the pending
-    work (spec §16.5); it reports their correlation ids.
+    the cached entry) — an edge; a resampling irqfd only asserts, with the resampler's
+    source id, and the line stays up until the guest's EOI (irqfd_resampler_ack).  Runs
+    once for however many signals were merged into the pending work (spec §8.3, §16.5); it
+    reports their correlation ids.
     """
     irqfd: KvmKernelIrqfd = work.owner
     kvm = irqfd.kvm
@@ -117,10 +168,103 @@ async def irqfd_inject(work: WorkStruct) -> None:
         bus.emit("irqfd_inject", vm=kvm.name, gsi=irqfd.gsi, irq=ids)
     rt.cur_merged = ids[1:]  # signals merged into this one execution
     try:
-        kvm_set_irq(kvm, KVM_USERSPACE_IRQ_SOURCE_ID, irqfd.gsi, 1, False)
-        kvm_set_irq(kvm, KVM_USERSPACE_IRQ_SOURCE_ID, irqfd.gsi, 0, False)
+        if irqfd.resampler is None:
+            kvm_set_irq(kvm, KVM_USERSPACE_IRQ_SOURCE_ID, irqfd.gsi, 1, False)
+            kvm_set_irq(kvm, KVM_USERSPACE_IRQ_SOURCE_ID, irqfd.gsi, 0, False)
+        else:
+            kvm_set_irq(kvm, KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID, irqfd.gsi, 1, False)
     finally:
         rt.cur_irq, rt.cur_path, rt.cur_merged = saved_irq, saved_path, []
+
+
+def irqfd_resampler_ack(kian: KvmIrqAckNotifier) -> None:
+    """virt/kvm/eventfd.c: irqfd_resampler_ack  [vCPU thread: the guest's EOI]
+
+    The ack notifier of a resampled GSI: de-assert the line once (every resampling irqfd
+    of the GSI shares KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID, and de-asserting once per irqfd
+    could race with a re-assert), then, under irq_srcu, signal every irqfd's resamplefd.
+    Spec §8.9.
+    """
+    resampler: KvmKernelIrqfdResampler = kian.owner
+    kvm = resampler.kvm
+    rt = kvm.rt
+    saved = rt.cur_irq
+    rt.cur_irq = 0  # the notification to the VMM is not an interrupt source
+    try:
+        kvm_set_irq(kvm, KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID, kian.gsi, 0, False)
+        idx = srcu_read_lock(kvm.irq_srcu)
+        irqfds = tuple(resampler.list)  # list_for_each_entry_rcu
+        bus = rt.bus
+        if bus.on:
+            bus.emit("irqfd_resampler_ack", vm=kvm.name, gsi=kian.gsi, n=len(irqfds))
+        for irqfd in irqfds:
+            assert irqfd.resamplefd is not None
+            eventfd_signal(irqfd.resamplefd, 1)
+        srcu_read_unlock(kvm.irq_srcu, idx)
+    finally:
+        rt.cur_irq = saved
+
+
+def irqfd_resampler_notify(resampler: KvmKernelIrqfdResampler) -> None:
+    """virt/kvm/eventfd.c (later kernels, not v5.13): irqfd_resampler_notify — signal every
+    resamplefd of the resampler (caller holds irq_srcu), without de-asserting the line.
+    Used only by the ``fix-resample-on-unmask`` toggle (ioapic_write_indirect)."""
+    for irqfd in tuple(resampler.list):
+        assert irqfd.resamplefd is not None
+        eventfd_signal(irqfd.resamplefd, 1)
+
+
+def kvm_notify_irqfd_resampler(kvm: Kvm, irqchip: int, pin: int) -> bool:
+    """virt/kvm/eventfd.c (later kernels, not v5.13): kvm_notify_irqfd_resampler — if a
+    resampler watches the GSI routed to (irqchip, pin), notify it and return True.  Used
+    only by the ``fix-resample-on-unmask`` toggle."""
+    rt = kvm.rt
+    saved = rt.cur_irq
+    rt.cur_irq = 0
+    idx = srcu_read_lock(kvm.irq_srcu)
+    try:
+        gsi = kvm_irq_map_chip_pin(kvm, irqchip, pin)
+        if gsi != -1:
+            for resampler in kvm.resampler_list:
+                if resampler.notifier.gsi == gsi:
+                    bus = rt.bus
+                    if bus.on:
+                        bus.emit("kvm_notify_irqfd_resampler", vm=kvm.name, gsi=gsi,
+                                 n=len(resampler.list))
+                    irqfd_resampler_notify(resampler)
+                    return True
+        return False
+    finally:
+        srcu_read_unlock(kvm.irq_srcu, idx)
+        rt.cur_irq = saved
+
+
+def _resampler_lock(kvm: Kvm) -> asyncio.Lock:
+    lock: asyncio.Lock | None = kvm.resampler_lock
+    if lock is None:
+        lock = kvm.resampler_lock = asyncio.Lock()
+    return lock
+
+
+async def irqfd_resampler_shutdown(irqfd: KvmKernelIrqfd) -> None:
+    """virt/kvm/eventfd.c: irqfd_resampler_shutdown  [process; sleeps]
+
+    Under resampler_lock: unlink the irqfd from its resampler and wait for SRCU readers
+    (an irqfd_resampler_ack in flight), so its resamplefd is never signalled again; the
+    last irqfd of the GSI also takes the resampler off the VM's list, unregisters the ack
+    notifier and de-asserts the line.  Spec §8.9.
+    """
+    resampler = irqfd.resampler
+    assert resampler is not None
+    kvm = resampler.kvm
+    async with _resampler_lock(kvm):
+        resampler.list.remove(irqfd)  # list_del_rcu
+        await synchronize_srcu(kvm.irq_srcu)
+        if not resampler.list:
+            kvm.resampler_list.remove(resampler)  # list_del(&resampler->link)
+            await kvm_unregister_irq_ack_notifier(kvm, resampler.notifier)
+            kvm_set_irq(kvm, KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID, resampler.notifier.gsi, 0,
+                        False)
 
 
 def irqfd_wakeup(wait: WaitQueueEntry, mode: int, sync: int, key: int) -> int:
@@ -146,7 +290,8 @@ def irqfd_wakeup(wait: WaitQueueEntry, mode: int, sync: int, key: int) -> int:
             seq = read_seqcount_begin(irqfd.irq_entry_sc)
             irq = irqfd.irq_entry
             snapshot = KvmKernelIrqRoutingEntry(irq.gsi, irq.type, irq.address_lo,
-                                                irq.address_hi, irq.data, irq.set)
+                                                irq.address_hi, irq.data, irq.set,
+                                                irq.irqchip, irq.pin)
             if not read_seqcount_retry(irqfd.irq_entry_sc, seq):
                 break
         saved_irq, saved_merged = rt.cur_irq, rt.cur_merged
@@ -196,19 +341,24 @@ def kvm_irq_routing_update(kvm: Kvm) -> None:
             kvm_arch_update_irqfd_routing(kvm, irqfd.producer.irq, irqfd.gsi, True)
 
 
-async def kvm_irqfd_assign(kvm: Kvm, eventfd: EventfdCtx, gsi: int, flags: int = 0) -> int:
+async def kvm_irqfd_assign(kvm: Kvm, eventfd: EventfdCtx, gsi: int, flags: int = 0,
+                           resamplefd: EventfdCtx | None = None) -> int:
     """virt/kvm/eventfd.c: kvm_irqfd_assign  [process: VMM ioctl KVM_IRQFD]
 
-    Link the irqfd (active, route cached), then poll the eventfd: the poll adds the
-    priority-exclusive wait entry *before* reading the count, so a signal either runs
-    irqfd_wakeup or is seen by the poll, which then schedules ``inject`` (an eventfd
-    signalled before assignment injects once, at assignment).  -EBUSY for a second irqfd on
-    the same eventfd.  Spec §8.5, §16.6.
+    With KVM_IRQFD_FLAG_RESAMPLE (needs the full in-kernel irqchip, else -EINVAL; no
+    ``resamplefd`` is -EBADF): join the GSI's resampler, creating it and registering its
+    ack notifier if it is the first, then wait for SRCU readers.  Link the irqfd (active,
+    route cached), then poll the eventfd: the poll adds the priority-exclusive wait entry
+    *before* reading the count, so a signal either runs irqfd_wakeup or is seen by the poll,
+    which then schedules ``inject`` (an eventfd signalled before assignment injects once, at
+    assignment).  -EBUSY for a second irqfd on the same eventfd (undoing the resampler
+    step).  Spec §8.5, §8.9, §16.6.
+    Differs from the kernel: the eventfds are passed as contexts, not file descriptors.
     """
     if flags & ~(KVM_IRQFD_FLAG_DEASSIGN | KVM_IRQFD_FLAG_RESAMPLE):
         return -errno.EINVAL
-    if flags & KVM_IRQFD_FLAG_RESAMPLE:
-        return -errno.EINVAL  # resampler not modelled (level-triggered irqfds only)
+    if not kvm_arch_irqfd_allowed(kvm, flags):
+        return -errno.EINVAL
     rt = kvm.rt
     wait = WaitQueueEntry(irqfd_wakeup)
     irqfd = KvmKernelIrqfd(kvm=kvm, gsi=gsi, eventfd=eventfd, wait=wait,
@@ -218,8 +368,31 @@ async def kvm_irqfd_assign(kvm: Kvm, eventfd: EventfdCtx, gsi: int, flags: int =
     wait.private = irqfd
     irqfd.inject.owner = irqfd
     irqfd.shutdown.owner = irqfd
+    if flags & KVM_IRQFD_FLAG_RESAMPLE:
+        if resamplefd is None:
+            return -errno.EBADF
+        irqfd.resamplefd = eventfd_ctx_fileget(resamplefd)  # eventfd_ctx_fdget
+        async with _resampler_lock(kvm):
+            for resampler in kvm.resampler_list:
+                if resampler.notifier.gsi == irqfd.gsi:
+                    irqfd.resampler = resampler
+                    break
+            if irqfd.resampler is None:
+                notifier = KvmIrqAckNotifier(gsi=irqfd.gsi, irq_acked=irqfd_resampler_ack)
+                resampler = KvmKernelIrqfdResampler(kvm=kvm, notifier=notifier)
+                notifier.owner = resampler
+                kvm.resampler_list.insert(0, resampler)  # list_add
+                kvm_register_irq_ack_notifier(kvm, notifier)
+                irqfd.resampler = resampler
+            irqfd.resampler.list.insert(0, irqfd)  # list_add_rcu
+            await synchronize_srcu(kvm.irq_srcu)
     # irqfds.lock
     if any(other.eventfd is eventfd for other in kvm.irqfds):
+        # fail: undo the resampler step, drop the resamplefd reference.
+        if irqfd.resampler is not None:
+            await irqfd_resampler_shutdown(irqfd)
+        if irqfd.resamplefd is not None:
+            eventfd_ctx_put(irqfd.resamplefd)
         return -errno.EBUSY
     idx = srcu_read_lock(kvm.irq_srcu)
     irqfd_update(kvm, irqfd)
@@ -237,7 +410,7 @@ async def kvm_irqfd_assign(kvm: Kvm, eventfd: EventfdCtx, gsi: int, flags: int =
     bus = rt.bus
     if bus.on:
         bus.emit("irqfd_assign", vm=kvm.name, gsi=gsi, efd=eventfd.name,
-                 pending=bool(events & EPOLLIN))
+                 pending=bool(events & EPOLLIN), resample=irqfd.resampler is not None)
     if events & EPOLLIN:
         # The count is not drained here; the signals' ids move to the injection.
         irqfd.pending_irqs.extend(eventfd.irqs)
@@ -271,13 +444,19 @@ async def irqfd_shutdown(work: WorkStruct) -> None:
     """virt/kvm/eventfd.c: irqfd_shutdown  [process: kworker of kvm-irqfd-cleanup]
 
     SRCU sync (in-flight irqfd_wakeup and assign), unhook atomically w.r.t. signals
-    (discarding any count), then flush a slow-path injection queued before the unhook.
-    After this nothing can inject through the irqfd (spec §16.8).
+    (discarding any count), then flush a slow-path injection queued before the unhook, and
+    only then leave the resampler (so that injection cannot re-assert a line the last
+    resampler has de-asserted) and drop the resamplefd.  After this nothing can inject
+    through the irqfd and its resamplefd is never signalled (spec §8.8, §16.8).
     """
     irqfd: KvmKernelIrqfd = work.owner
     await synchronize_srcu(irqfd.kvm.irq_srcu)
     eventfd_ctx_remove_wait_queue(irqfd.eventfd, irqfd.wait)
     await flush_work(irqfd.inject)
+    if irqfd.resampler is not None:
+        await irqfd_resampler_shutdown(irqfd)
+        assert irqfd.resamplefd is not None
+        eventfd_ctx_put(irqfd.resamplefd)
     irq_bypass_unregister_consumer(irqfd.kvm.rt, irqfd.consumer)
 
 
@@ -306,6 +485,64 @@ async def kvm_irqfd_release(kvm: Kvm) -> None:
     for irqfd in list(kvm.irqfds):
         irqfd_deactivate(irqfd)
     await flush_workqueue(_cleanup_wq(kvm))
+
+
+def kvm_irq_has_notifier(kvm: Kvm, irqchip: int, pin: int) -> bool:
+    """virt/kvm/eventfd.c: kvm_irq_has_notifier — some ack notifier watches the GSI routed
+    to (irqchip, pin) (under irq_srcu)."""
+    idx = srcu_read_lock(kvm.irq_srcu)
+    gsi = kvm_irq_map_chip_pin(kvm, irqchip, pin)
+    found = gsi != -1 and any(kian.gsi == gsi for kian in kvm.irq_ack_notifier_list)
+    srcu_read_unlock(kvm.irq_srcu, idx)
+    return found
+
+
+def kvm_notify_acked_gsi(kvm: Kvm, gsi: int) -> None:
+    """virt/kvm/eventfd.c: kvm_notify_acked_gsi — run every ack notifier of ``gsi``, newest
+    registration first (caller holds irq_srcu)."""
+    for kian in tuple(kvm.irq_ack_notifier_list):
+        if kian.gsi == gsi:
+            kian.irq_acked(kian)
+
+
+def kvm_notify_acked_irq(kvm: Kvm, irqchip: int, pin: int) -> None:
+    """virt/kvm/eventfd.c: kvm_notify_acked_irq  [vCPU thread: the guest's EOI]
+
+    Trace ``kvm_ack_irq``; map (irqchip, pin) to its GSI and run that GSI's ack notifiers
+    under irq_srcu.  Spec §8.9.
+    """
+    bus = kvm.rt.bus
+    if bus.on:
+        bus.emit("kvm_ack_irq", vm=kvm.name, irqchip=irqchip, pin=pin)
+    idx = srcu_read_lock(kvm.irq_srcu)
+    gsi = kvm_irq_map_chip_pin(kvm, irqchip, pin)
+    if gsi != -1:
+        kvm_notify_acked_gsi(kvm, gsi)
+    srcu_read_unlock(kvm.irq_srcu, idx)
+
+
+def kvm_register_irq_ack_notifier(kvm: Kvm, kian: KvmIrqAckNotifier) -> None:
+    """virt/kvm/eventfd.c: kvm_register_irq_ack_notifier  [process: takes irq_lock]
+
+    Add at the head of the VM's notifier list, then let every vCPU rescan its
+    IOAPIC-handled vectors (the pin's EOI must now reach the IOAPIC even if edge).
+    """
+    from vkick.kvm.ioapic import kvm_arch_post_irq_ack_notifier_list_update  # noqa: PLC0415
+
+    kvm.irq_ack_notifier_list.insert(0, kian)  # hlist_add_head_rcu
+    kvm_arch_post_irq_ack_notifier_list_update(kvm)
+
+
+async def kvm_unregister_irq_ack_notifier(kvm: Kvm, kian: KvmIrqAckNotifier) -> None:
+    """virt/kvm/eventfd.c: kvm_unregister_irq_ack_notifier  [process; sleeps]
+
+    Unlink, wait for SRCU readers (a notification in flight finishes first), rescan.
+    """
+    from vkick.kvm.ioapic import kvm_arch_post_irq_ack_notifier_list_update  # noqa: PLC0415
+
+    kvm.irq_ack_notifier_list.remove(kian)  # hlist_del_init_rcu
+    await synchronize_srcu(kvm.irq_srcu)
+    kvm_arch_post_irq_ack_notifier_list_update(kvm)
 
 
 @dataclass(slots=True, eq=False)

@@ -1,24 +1,42 @@
-"""arch/x86/kvm/irq_comm.c: MSI decode, the atomic fast path for irqfd, the MSI ``set``
-function and the slow delivery loop (kvm_irq_delivery_to_apic).
+"""arch/x86/kvm/irq_comm.c: MSI decode, the atomic fast path for irqfd, the ``set``
+functions of MSI and IOAPIC routes, the slow delivery loop (kvm_irq_delivery_to_apic) and
+the x86 half of routing-table construction.
 
 Covered: kvm_set_msi_irq, kvm_msi_route_invalid, kvm_arch_set_irq_inatomic, kvm_set_msi,
-kvm_irq_delivery_to_apic, kvm_send_userspace_msi (virt/kvm/irqchip.c, KVM_SIGNAL_MSI),
-kvm_intr_is_single_vcpu (with lapic.c's kvm_intr_is_single_vcpu_fast and kvm_host.h's
-kvm_irq_is_postable, the tests VT-d posting makes).
+kvm_set_ioapic_irq, kvm_irq_delivery_to_apic, kvm_set_routing_entry,
+kvm_setup_default_irq_routing, kvm_arch_post_irq_routing_update, kvm_scan_ioapic_routes,
+kvm_send_userspace_msi (virt/kvm/irqchip.c, KVM_SIGNAL_MSI), kvm_intr_is_single_vcpu (with
+lapic.c's kvm_intr_is_single_vcpu_fast and kvm_host.h's kvm_irq_is_postable, the tests VT-d
+posting makes).  Left out: the PIC (kvm_set_pic_irq), Hyper-V SynIC routes
+(kvm_hv_set_sint), mask notifiers (the PIT's).
 """
 
 from __future__ import annotations
 
 import errno
 
-from vkick.kvm.irqchip import KvmKernelIrqRoutingEntry
+from vkick.kvm.irq import irqchip_split
+from vkick.kvm.irqchip import (
+    IrqchipRoute,
+    KvmKernelIrqRoutingEntry,
+    MsiRoute,
+    Route,
+    RoutingError,
+    kvm_set_irq_routing,
+)
 from vkick.kvm.kvm_host import (
     APIC_DEST_LOGICAL,
     APIC_DEST_NOSHORT,
     APIC_DEST_PHYSICAL,
     APIC_DM_FIXED,
     APIC_DM_LOWEST,
+    KVM_IOAPIC_NUM_PINS,
+    KVM_IRQ_ROUTING_IRQCHIP,
     KVM_IRQ_ROUTING_MSI,
+    KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    PIC_NUM_PINS,
     Kvm,
     KvmLapic,
     KvmLapicIrq,
@@ -71,9 +89,10 @@ def kvm_arch_set_irq_inatomic(e: KvmKernelIrqRoutingEntry, kvm: Kvm, irq_source_
     """arch/x86/kvm/irq_comm.c: kvm_arch_set_irq_inatomic  [atomic]
 
     The fast path irqfd_wakeup tries: MSI routes that the APIC map resolves are injected
-    right here; everything else (other route types, type 0 = no cached route, broadcasts,
-    unresolvable logical modes) returns -EWOULDBLOCK so the caller defers to irqfd_inject.
-    An invalid MSI route gives -EINVAL (dropped).  Spec §9.4.
+    right here; everything else (IRQCHIP routes — the IOAPIC takes a lock and may run ack
+    notifiers, so irqfds on irqchip GSIs always go through irqfd_inject —, type 0 = no
+    cached route, broadcasts, unresolvable logical modes) returns -EWOULDBLOCK so the caller
+    defers to irqfd_inject.  An invalid MSI route gives -EINVAL (dropped).  Spec §9.4.
     """
     if e.type == KVM_IRQ_ROUTING_MSI:
         if kvm_msi_route_invalid(kvm, e):
@@ -96,6 +115,15 @@ def kvm_set_msi(e: KvmKernelIrqRoutingEntry, kvm: Kvm, irq_source_id: int, level
     irq = KvmLapicIrq()
     kvm_set_msi_irq(kvm, e, irq)
     return kvm_irq_delivery_to_apic(kvm, None, irq, None)
+
+
+def kvm_set_ioapic_irq(e: KvmKernelIrqRoutingEntry, kvm: Kvm, irq_source_id: int, level: int,
+                       line_status: bool) -> int:
+    """arch/x86/kvm/irq_comm.c: kvm_set_ioapic_irq — the ``set`` of IOAPIC routes: drive the
+    route's pin for ``irq_source_id`` (kvm_ioapic_set_irq).  Spec §9.2."""
+    from vkick.kvm.ioapic import kvm_ioapic_set_irq  # noqa: PLC0415
+
+    return kvm_ioapic_set_irq(kvm.arch.vioapic, e.pin, irq_source_id, level, line_status)
 
 
 def kvm_irq_delivery_to_apic(kvm: Kvm, src: KvmLapic | None, irq: KvmLapicIrq,
@@ -145,6 +173,99 @@ def kvm_irq_delivery_to_apic(kvm: Kvm, src: KvmLapic | None, irq: KvmLapicIrq,
     if lowest is not None:
         r = kvm_apic_set_irq(lowest, irq, dest_map)
     return r
+
+
+def kvm_set_routing_entry(kvm: Kvm, e: KvmKernelIrqRoutingEntry, ue: Route, i: int = 0) -> int:
+    """arch/x86/kvm/irq_comm.c: kvm_set_routing_entry  [process: KVM_SET_GSI_ROUTING]
+
+    Fill one kernel routing entry from the userspace one: IRQCHIP (refused with -EINVAL on
+    a split irqchip; the IOAPIC takes pins 0..23) gets ``kvm_set_ioapic_irq``, MSI gets
+    ``kvm_set_msi`` (-EINVAL for an invalid x2APIC-format address).  Spec §8.6 step 1.
+    Differs from the kernel: PIC pins and route types vkick does not model, MSI vectors
+    below 16 and ExtINT/reserved MSI delivery modes raise RoutingError naming
+    ``routes[i].field`` instead of being set up.
+    """
+    if isinstance(ue, IrqchipRoute):
+        if irqchip_split(kvm):
+            return -errno.EINVAL
+        if ue.irqchip in (KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE):
+            if ue.pin >= PIC_NUM_PINS // 2:
+                return -errno.EINVAL
+            raise RoutingError(f"routes[{i}].irqchip: expected the IOAPIC "
+                               f"({KVM_IRQCHIP_IOAPIC}); the PIC is not modelled")
+        if ue.irqchip != KVM_IRQCHIP_IOAPIC:
+            return -errno.EINVAL
+        if not 0 <= ue.pin < KVM_IOAPIC_NUM_PINS:
+            return -errno.EINVAL
+        e.pin = ue.pin
+        e.set = kvm_set_ioapic_irq
+        e.irqchip = ue.irqchip
+        return 0
+    if isinstance(ue, MsiRoute):
+        vector = ue.data & 0xFF
+        if vector < 16:
+            raise RoutingError(f"routes[{i}].data: expected an MSI vector ≥ 16 (bits 7:0), "
+                               f"got {vector:#x}")
+        dm = (ue.data >> 8) & 7
+        if dm in (3, 7):
+            raise RoutingError(f"routes[{i}].data: delivery mode {dm} (bits 10:8) is not "
+                               f"supported for MSI routes (reserved/ExtINT)")
+        e.set = kvm_set_msi
+        e.address_lo = ue.address_lo
+        e.address_hi = ue.address_hi
+        e.data = ue.data
+        if kvm_msi_route_invalid(kvm, e):
+            return -errno.EINVAL
+        return 0
+    raise RoutingError(f"routes[{i}].type: expected an MSI ({KVM_IRQ_ROUTING_MSI}) or "
+                       f"IRQCHIP ({KVM_IRQ_ROUTING_IRQCHIP}) route; type {ue.type} is not "
+                       f"modelled")
+
+
+def kvm_setup_default_irq_routing(kvm: Kvm) -> int:
+    """arch/x86/kvm/irq_comm.c: kvm_setup_default_irq_routing — GSI n → IOAPIC pin n for
+    n = 0..23 (installed by KVM_CREATE_IRQCHIP; the VMM's KVM_SET_GSI_ROUTING replaces it).
+    Differs from the kernel: GSIs 0..15 are not also routed to the PIC (not modelled), so
+    they carry one entry, not two (irqfds on them take the slow path either way).
+    """
+    return kvm_set_irq_routing(kvm, [IrqchipRoute(pin, KVM_IRQCHIP_IOAPIC, pin)
+                                     for pin in range(KVM_IOAPIC_NUM_PINS)])
+
+
+def kvm_arch_post_irq_routing_update(kvm: Kvm) -> None:
+    """arch/x86/kvm/irq_comm.c: kvm_arch_post_irq_routing_update — on a split irqchip the
+    level-triggered MSI routes of the reserved IOAPIC pins decide which EOIs exit to
+    userspace, so every vCPU rescans (KVM_REQ_SCAN_IOAPIC)."""
+    from vkick.kvm.x86 import kvm_make_scan_ioapic_request  # noqa: PLC0415
+
+    if not irqchip_split(kvm):
+        return
+    kvm_make_scan_ioapic_request(kvm)
+
+
+def kvm_scan_ioapic_routes(vcpu: KvmVcpu, ioapic_handled_vectors: int) -> int:
+    """arch/x86/kvm/irq_comm.c: kvm_scan_ioapic_routes  [vCPU thread, split irqchip]
+
+    The vectors of the level-triggered MSI routes on GSIs below ``nr_reserved_ioapic_pins``
+    (those a userspace IOAPIC delivers) that target this vCPU.  vkick VMs reserve no pins,
+    so this finds nothing unless a test sets ``kvm.arch.nr_reserved_ioapic_pins``.
+    Differs from the kernel: returns the updated bitmap instead of setting bits in place.
+    """
+    kvm = vcpu.kvm
+    table = kvm.irq_routing
+    if table is None:
+        return ioapic_handled_vectors
+    nr_ioapic_pins = min(table.nr_rt_entries, kvm.arch.nr_reserved_ioapic_pins)
+    for i in range(nr_ioapic_pins):
+        for entry in table.map.get(i, ()):
+            if entry.type != KVM_IRQ_ROUTING_MSI:
+                continue
+            irq = KvmLapicIrq()
+            kvm_set_msi_irq(kvm, entry, irq)
+            if irq.trig_mode and kvm_apic_match_dest(vcpu, None, APIC_DEST_NOSHORT,
+                                                     irq.dest_id, irq.dest_mode):
+                ioapic_handled_vectors |= 1 << irq.vector
+    return ioapic_handled_vectors
 
 
 def kvm_send_userspace_msi(kvm: Kvm, address_lo: int, data: int, address_hi: int = 0,

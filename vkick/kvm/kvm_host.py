@@ -61,6 +61,8 @@ KVM_REQ_EVENT: Final = 8 + 6
 KVM_REQ_NMI: Final = 8 + 9
 KVM_REQ_SMI: Final = 8 + 12
 KVM_REQ_SCAN_IOAPIC: Final = (8 + 15) | KVM_REQUEST_WAIT | KVM_REQUEST_NO_WAKEUP
+KVM_REQ_IOAPIC_EOI_EXIT: Final = 8 + 19
+KVM_REQ_LOAD_EOI_EXITMAP: Final = 8 + 23
 KVM_REQ_APICV_UPDATE: Final = (8 + 25) | KVM_REQUEST_WAIT | KVM_REQUEST_NO_WAKEUP
 
 # Host vectors (arch/x86/include/asm/irq_vectors.h).
@@ -110,6 +112,7 @@ APIC_SELF_IPI: Final = 0x3F0
 APIC_DFR_FLAT: Final = 0xFFFFFFFF
 APIC_DFR_CLUSTER: Final = 0x0FFFFFFF
 APIC_SPIV_APIC_ENABLED: Final = 1 << 8
+APIC_SPIV_DIRECTED_EOI: Final = 1 << 12
 APIC_BASE_MSR: Final = 0x800
 APIC_DEFAULT_PHYS_BASE: Final = 0xFEE00000
 MSR_IA32_APICBASE: Final = 0x1B
@@ -127,11 +130,35 @@ KVM_APIC_SIPI: Final = 1
 
 KVM_USERSPACE_IRQ_SOURCE_ID: Final = 0
 KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID: Final = 1
+# enum kvm_irqchip_mode (arch/x86/include/asm/kvm_host.h).
+KVM_IRQCHIP_NONE: Final = 0
+KVM_IRQCHIP_KERNEL: Final = 1  # created with KVM_CREATE_IRQCHIP
+KVM_IRQCHIP_SPLIT: Final = 2  # created with KVM_CAP_SPLIT_IRQCHIP
+# struct kvm_irq_routing_irqchip .irqchip (include/uapi/linux/kvm.h, arch/x86 uapi).
+KVM_IRQCHIP_PIC_MASTER: Final = 0
+KVM_IRQCHIP_PIC_SLAVE: Final = 1
+KVM_IRQCHIP_IOAPIC: Final = 2
+KVM_NR_IRQCHIPS: Final = 3
+KVM_IOAPIC_NUM_PINS: Final = 24
+KVM_IRQCHIP_NUM_PINS: Final = KVM_IOAPIC_NUM_PINS
+PIC_NUM_PINS: Final = 16
 KVM_IRQ_ROUTING_IRQCHIP: Final = 1
 KVM_IRQ_ROUTING_MSI: Final = 2
 KVM_IRQ_ROUTING_S390_ADAPTER: Final = 3
 KVM_IRQ_ROUTING_HV_SINT: Final = 4
 KVM_MAX_IRQ_ROUTES: Final = 4096
+
+# The per-VM ``Kvm.toggles`` vkick knows (research/bugs.md; see each site's docstring).
+# A scenario's ``toggles`` field is checked against this list.
+KNOWN_TOGGLES: Final = frozenset({
+    "fix-running-vcpu-shortcut",  # vmx/vmx.py: vmx_deliver_posted_interrupt (bug #2)
+    "clear-on-after-harvest",  # vmx/vmx.py: vmx_sync_pir_to_irr (spec §16.4)
+    "no-barrier-after-guest-mode",  # x86.py: vcpu_enter_guest (spec §16.1a)
+    "irqs-on-across-entry",  # x86.py: vcpu_enter_guest (spec §16.1b)
+    "check-requests-before-guest-mode",  # x86.py: vcpu_enter_guest (spec §16.2)
+    "fix-eoi-exitmap-uninitialized",  # x86.py: vcpu_load_eoi_exitmap (v5.13 bug)
+    "fix-resample-on-unmask",  # ioapic.py: ioapic_write_indirect (changed after v5.13)
+})
 KVM_HALT_POLL_NS_DEFAULT: Final = 200_000
 
 
@@ -251,7 +278,12 @@ class KvmVcpuArch:
     # VMCS GUEST_INTR_STATUS.
     rvi: int = 0
     svi: int = 0
-    eoi_exit_bitmap: int = 0  # 256-bit
+    eoi_exit_bitmap: int = 0  # 256-bit, VMCS EOI_EXIT_BITMAP0..3
+    # Vectors whose EOI must reach the IOAPIC (level-triggered pins, pins with ack
+    # notifiers, RTC): rebuilt by vcpu_scan_ioapic, loaded into eoi_exit_bitmap.
+    ioapic_handled_vectors: int = 0  # 256-bit
+    load_eoi_exitmap_pending: bool = False  # nested only: never set on this path
+    pending_ioapic_eoi: int = 0  # split irqchip: the vector for KVM_EXIT_IOAPIC_EOI
     # vkick bookkeeping (no kernel counterpart): correlation ids of the signals pending per
     # vector, popped at delivery; and how the last posting went (for the event's `path`).
     irq_ids: dict[int, list[int]] = field(default_factory=dict)
@@ -299,6 +331,12 @@ class KvmArch:
     x2apic_format: bool = False  # KVM_X2APIC_API_USE_32BIT_IDS
     x2apic_broadcast_quirk_disabled: bool = False
     assigned_device_count: int = 0  # atomic_t: irq-bypass producers attached (VFIO)
+    # vkick VMs start with in-kernel LAPICs and no in-kernel IOAPIC/PIC, as after
+    # KVM_CAP_SPLIT_IRQCHIP with no reserved IOAPIC pins; KVM_CREATE_IRQCHIP
+    # (x86.kvm_arch_vm_ioctl_create_irqchip) makes it KVM_IRQCHIP_KERNEL with an IOAPIC.
+    irqchip_mode: int = KVM_IRQCHIP_SPLIT
+    nr_reserved_ioapic_pins: int = 0  # KVM_CAP_SPLIT_IRQCHIP's argument
+    vioapic: Any = None  # ioapic.KvmIoapic | None (kvm->arch.vioapic)
 
 
 @dataclass(slots=True, eq=False)
@@ -312,6 +350,11 @@ class Kvm:
     arch: KvmArch = field(default_factory=KvmArch)
     irq_routing: Any = None  # irqchip.KvmIrqRoutingTable, RCU-published
     irqfds: list[Any] = field(default_factory=list)  # active KvmKernelIrqfd, in order
+    # kvm->irqfds.resampler_list (KvmKernelIrqfdResampler) and its mutex resampler_lock
+    # (an asyncio.Lock, made on first use: a sleeping lock).
+    resampler_list: list[Any] = field(default_factory=list)
+    resampler_lock: Any = None
+    irq_ack_notifier_list: list[Any] = field(default_factory=list)  # KvmIrqAckNotifier
     irq_srcu: Any = None  # kernel.srcu.SrcuStruct
     irqfd_cleanup_wq: Any = None  # kernel.workqueue.Workqueue "kvm-irqfd-cleanup"
     max_halt_poll_ns: int = KVM_HALT_POLL_NS_DEFAULT

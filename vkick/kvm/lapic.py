@@ -10,9 +10,11 @@ Covered: kvm_create_lapic, find_highest_vector, apic_search_irr, apic_find_highe
 kvm_lapic_find_highest_irr, kvm_lapic_set_irr, apic_clear_irr, __kvm_apic_update_irr,
 kvm_apic_update_irr, apic_set_isr, apic_clear_isr, apic_find_highest_isr, __apic_update_ppr,
 apic_update_ppr, apic_has_interrupt_for_ppr, apic_set_tpr, kvm_apic_has_interrupt,
-kvm_get_apic_interrupt, apic_set_eoi, kvm_apic_set_eoi_accelerated, kvm_apic_set_irq,
+kvm_get_apic_interrupt, kvm_apic_pending_eoi, kvm_ioapic_handles_vector, kvm_ioapic_send_eoi,
+apic_set_eoi, kvm_apic_set_eoi_accelerated, kvm_bitmap_or_dest_vcpus, kvm_apic_set_irq,
 __apic_accept_irq, kvm_apic_accept_events, kvm_lapic_reg_write, kvm_x2apic_msr_write,
-kvm_apic_send_ipi.  Left out: timers, LVT entries, the IOAPIC/PIC, Hyper-V SynIC, nested.
+kvm_apic_send_ipi.  Left out: timers, LVT entries, the PIC, Hyper-V SynIC, nested.  The
+IOAPIC is :mod:`vkick.kvm.ioapic`; EOIs reach it through kvm_ioapic_send_eoi.
 """
 
 from __future__ import annotations
@@ -55,10 +57,12 @@ from vkick.kvm.kvm_host import (
     KVM_APIC_INIT,
     KVM_APIC_SIPI,
     KVM_REQ_EVENT,
+    KVM_REQ_IOAPIC_EOI_EXIT,
     KVM_REQ_NMI,
     KVM_REQ_SMI,
     MSR_IA32_APICBASE_ENABLE,
     X2APIC_ENABLE,
+    Kvm,
     KvmLapic,
     KvmLapicIrq,
     KvmLapicState,
@@ -339,11 +343,53 @@ def kvm_get_apic_interrupt(vcpu: KvmVcpu) -> int:
 # ---------------------------------------------------------------------------- EOI
 
 
+def kvm_apic_pending_eoi(vcpu: KvmVcpu, vector: int) -> bool:
+    """arch/x86/kvm/lapic.c: kvm_apic_pending_eoi — ``vector`` is in service or pending
+    here (ISR or IRR), so its EOI is still to come."""
+    apic = vcpu.arch.apic
+    assert apic is not None
+    return bool((apic.isr | apic.irr) >> vector & 1)
+
+
+def kvm_ioapic_handles_vector(apic: KvmLapic, vector: int) -> bool:
+    """arch/x86/kvm/lapic.c: kvm_ioapic_handles_vector — in ioapic_handled_vectors."""
+    return bool(apic.vcpu.arch.ioapic_handled_vectors >> vector & 1)
+
+
+def kvm_ioapic_send_eoi(apic: KvmLapic, vector: int) -> None:
+    """arch/x86/kvm/lapic.c: kvm_ioapic_send_eoi  [vCPU thread]
+
+    Broadcast the EOI to the IOAPIC only for a vector it handles (vcpu_scan_ioapic).  On a
+    split irqchip the userspace IOAPIC is told through KVM_EXIT_IOAPIC_EOI
+    (KVM_REQ_IOAPIC_EOI_EXIT); with the in-kernel IOAPIC the EOI is level-triggered iff
+    the vector's TMR bit is set (kvm_ioapic_update_eoi: ack notifiers, remote IRR).
+    Edge MSIs — TMR clear, never IOAPIC-handled unless a pin shares the vector — have no
+    side effect here (spec §11.8, §17.13).
+    """
+    from vkick.kvm.ioapic import (  # noqa: PLC0415
+        IOAPIC_EDGE_TRIG,
+        IOAPIC_LEVEL_TRIG,
+        kvm_ioapic_update_eoi,
+    )
+    from vkick.kvm.irq import irqchip_split  # noqa: PLC0415
+
+    if not kvm_ioapic_handles_vector(apic, vector):
+        return
+    vcpu = apic.vcpu
+    if irqchip_split(vcpu.kvm):
+        vcpu.arch.pending_ioapic_eoi = vector
+        kvm_make_request(KVM_REQ_IOAPIC_EOI_EXIT, vcpu)
+        return
+    trigger_mode = IOAPIC_LEVEL_TRIG if apic.tmr >> vector & 1 else IOAPIC_EDGE_TRIG
+    kvm_ioapic_update_eoi(vcpu, vector, trigger_mode)
+
+
 def apic_set_eoi(apic: KvmLapic) -> int:
     """arch/x86/kvm/lapic.c: apic_set_eoi — retire the highest in-service vector.
 
     Architectural: whatever vector the guest believes it is finishing, the highest ISR bit
-    is cleared; an EOI with nothing in service does nothing (invariant §17.8).
+    is cleared; an EOI with nothing in service does nothing (invariant §17.8).  Then the
+    EOI goes on to the IOAPIC if it handles the vector (kvm_ioapic_send_eoi, spec §11.8).
     """
     vcpu = apic.vcpu
     vector = apic_find_highest_isr(apic)
@@ -354,17 +400,49 @@ def apic_set_eoi(apic: KvmLapic) -> int:
         return vector
     apic_clear_isr(vector, apic)
     apic_update_ppr(apic)
-    # kvm_ioapic_send_eoi: MSI vectors are never in ioapic_handled_vectors on this path.
+    kvm_ioapic_send_eoi(apic, vector)
     kvm_make_request(KVM_REQ_EVENT, vcpu)
     return vector
 
 
 def kvm_apic_set_eoi_accelerated(vcpu: KvmVcpu, vector: int) -> None:
-    """arch/x86/kvm/lapic.c: kvm_apic_set_eoi_accelerated — EOI-induced exit (trap-like)."""
+    """arch/x86/kvm/lapic.c: kvm_apic_set_eoi_accelerated — the APICv EOI-induced exit
+    (trap-like: the hardware already cleared VISR and updated SVI/VPPR): only the IOAPIC
+    side effects remain (kvm_ioapic_send_eoi).  Spec §11.8, §13.4."""
+    apic = vcpu.arch.apic
+    assert apic is not None
     bus = vcpu.kvm.rt.bus
     if bus.on:
         bus.emit("kvm_eoi", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, vector=vector)
+    kvm_ioapic_send_eoi(apic, vector)
     kvm_make_request(KVM_REQ_EVENT, vcpu)
+
+
+def kvm_bitmap_or_dest_vcpus(kvm: Kvm, irq: KvmLapicIrq, vcpu_bitmap: int) -> int:
+    """arch/x86/kvm/lapic.c: kvm_bitmap_or_dest_vcpus — add (by vCPU index) the vCPUs
+    ``irq``'s destination names: from the APIC map when it resolves the destination, else
+    by matching every present APIC (the IOAPIC's rescan targets).
+    Differs from the kernel: returns the updated bitmap instead of setting bits in place.
+    """
+    from vkick.kvm.lapic_map import (  # noqa: PLC0415
+        kvm_apic_map_get_dest_lapic,
+        kvm_apic_match_dest,
+    )
+
+    ok, dst, offset, bitmap = kvm_apic_map_get_dest_lapic(kvm, None, irq, kvm.arch.apic_map)
+    if ok:
+        for i in range(16):
+            if bitmap >> i & 1:
+                dest = dst[offset + i]
+                if dest is not None:
+                    vcpu_bitmap |= 1 << dest.vcpu.vcpu_idx
+        return vcpu_bitmap
+    for i, vcpu in enumerate(kvm.vcpus):
+        if not kvm_apic_present(vcpu):
+            continue
+        if kvm_apic_match_dest(vcpu, None, irq.shorthand, irq.dest_id, irq.dest_mode):
+            vcpu_bitmap |= 1 << i
+    return vcpu_bitmap
 
 
 # ---------------------------------------------------------------------------- accept

@@ -186,6 +186,10 @@ async def kvm_recalculate_apic_map(kvm: Kvm, current: TaskStruct) -> None:
         bus.emit("kvm_recalculate_apic_map", vm=kvm.name, max_id=max_id,
                  visited=i, mode=new.mode, skipped=skipped, retries=retries,
                  dirty=left != CLEAN)
+    # Destinations may have changed: every vCPU rescans its IOAPIC-handled vectors.
+    from vkick.kvm.x86 import kvm_make_scan_ioapic_request  # noqa: PLC0415
+
+    kvm_make_scan_ioapic_request(kvm)
 
 
 def kvm_lowest_prio_delivery(irq: KvmLapicIrq) -> bool:

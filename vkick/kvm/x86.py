@@ -8,10 +8,14 @@ kvm_pv_kick_cpu_op, handle_fastpath_set_x2apic_icr_irqoff, kvm_arch_vcpu_create,
 kvm_vcpu_reset, kvm_set_apic_base, kvm_arch_vcpu_ioctl_set_mpstate, kvm_arch_vcpu_load,
 kvm_arch_vcpu_put, kvm_arch_start_assignment, kvm_arch_end_assignment,
 kvm_arch_has_assigned_device, kvm_arch_has_irq_bypass, kvm_arch_irq_bypass_add_producer,
-kvm_arch_irq_bypass_del_producer, kvm_arch_update_irqfd_routing.  Bug toggles
-(kvm.toggles): ``no-barrier-after-guest-mode`` (spec §16.1a), ``irqs-on-across-entry``
-(§16.1b), ``check-requests-before-guest-mode`` (§16.2), ``bug-no-unblock-on-assignment``
-(bug #3).
+kvm_arch_irq_bypass_del_producer, kvm_arch_update_irqfd_routing; the IOAPIC-EOI plumbing:
+kvm_make_scan_ioapic_request(_mask), vcpu_scan_ioapic, vcpu_load_eoi_exitmap,
+vmx_load_eoi_exitmap (vmx.c); the VM ioctls KVM_CREATE_IRQCHIP
+(kvm_arch_vm_ioctl_create_irqchip) and KVM_IRQ_LINE (kvm_vm_ioctl_irq_line).
+Bug toggles (kvm.toggles): ``no-barrier-after-guest-mode`` (spec §16.1a),
+``irqs-on-across-entry`` (§16.1b), ``check-requests-before-guest-mode`` (§16.2),
+``bug-no-unblock-on-assignment`` (bug #3); ``fix-eoi-exitmap-uninitialized``
+(vcpu_load_eoi_exitmap: v5.13 loads an uninitialised EOI-exit bitmap, see there).
 """
 
 from __future__ import annotations
@@ -49,8 +53,12 @@ from vkick.kvm.kvm_host import (
     EXITING_GUEST_MODE,
     IN_GUEST_MODE,
     KVM_APIC_SIPI,
+    KVM_IRQCHIP_KERNEL,
     KVM_REQ_EVENT,
+    KVM_REQ_IOAPIC_EOI_EXIT,
+    KVM_REQ_LOAD_EOI_EXITMAP,
     KVM_REQ_NMI,
+    KVM_REQ_SCAN_IOAPIC,
     KVM_REQ_UNBLOCK,
     KVM_REQ_UNHALT,
     MSR_IA32_APICBASE,
@@ -65,7 +73,9 @@ from vkick.kvm.kvm_host import (
 from vkick.kvm.kvm_main import (
     kvm_check_request,
     kvm_clear_request,
+    kvm_make_all_cpus_request,
     kvm_make_request,
+    kvm_make_vcpus_request_mask,
     kvm_request_pending,
     kvm_test_request,
     kvm_vcpu_block,
@@ -78,6 +88,7 @@ from vkick.kvm.lapic import (
     __apic_accept_irq,
     kvm_apic_accept_events,
     kvm_apic_has_interrupt,
+    kvm_apic_present,
     kvm_apic_send_ipi,
     kvm_apic_set_eoi_accelerated,
     kvm_create_lapic,
@@ -98,6 +109,7 @@ from vkick.kvm.vmx.vmx import (
     vmx_interrupt_allowed,
     vmx_post_block,
     vmx_pre_block,
+    vmx_sync_pir_to_irr,
     vmx_sync_pir_to_irr_entry,
     vmx_vcpu_load,
     vmx_vcpu_put,
@@ -252,6 +264,145 @@ def handle_fastpath_set_x2apic_icr_irqoff(vcpu: KvmVcpu, data: int) -> bool:
     return False
 
 
+# ---------------------------------------------------------------------------- IOAPIC EOIs
+
+
+def kvm_make_scan_ioapic_request_mask(kvm: Kvm, vcpu_bitmap: int) -> None:
+    """arch/x86/kvm/x86.c: kvm_make_scan_ioapic_request_mask — KVM_REQ_SCAN_IOAPIC to the
+    vCPUs of ``vcpu_bitmap`` (by index), IPIs to those in guest mode."""
+    kvm_make_vcpus_request_mask(kvm, KVM_REQ_SCAN_IOAPIC, None, vcpu_bitmap)
+
+
+def kvm_make_scan_ioapic_request(kvm: Kvm) -> None:
+    """arch/x86/kvm/x86.c: kvm_make_scan_ioapic_request — KVM_REQ_SCAN_IOAPIC to every vCPU
+    (an IOAPIC entry, ack-notifier or APIC-map change may change which EOIs the IOAPIC
+    must see)."""
+    kvm_make_all_cpus_request(kvm, KVM_REQ_SCAN_IOAPIC)
+
+
+def vcpu_scan_ioapic(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/x86.c: vcpu_scan_ioapic  [vCPU thread: KVM_REQ_SCAN_IOAPIC]
+
+    Rebuild ``ioapic_handled_vectors``: from the level-triggered MSI routes of the
+    reserved pins on a split irqchip (kvm_scan_ioapic_routes), else — after harvesting the
+    PIR with APICv, so that "pending here" is current — from the in-kernel IOAPIC's
+    entries (kvm_ioapic_scan_entry); then ask for the EOI-exit bitmap to be reloaded
+    (KVM_REQ_LOAD_EOI_EXITMAP).  Spec §13.4.
+    """
+    from vkick.kvm.ioapic import ioapic_in_kernel, kvm_ioapic_scan_entry  # noqa: PLC0415
+    from vkick.kvm.irq import irqchip_split  # noqa: PLC0415
+    from vkick.kvm.irq_comm import kvm_scan_ioapic_routes  # noqa: PLC0415
+
+    if not kvm_apic_present(vcpu):
+        return
+    kvm = vcpu.kvm
+    arch = vcpu.arch
+    handled = 0
+    if irqchip_split(kvm):
+        handled = kvm_scan_ioapic_routes(vcpu, handled)
+    else:
+        if arch.apicv_active:
+            vmx_sync_pir_to_irr(vcpu)
+        if ioapic_in_kernel(kvm):
+            handled = kvm_ioapic_scan_entry(vcpu, handled)
+    arch.ioapic_handled_vectors = handled
+    bus = kvm.rt.bus
+    if bus.on:
+        bus.emit("vcpu_scan_ioapic", vm=kvm.name, vcpu=vcpu.vcpu_id, vectors=_vectors(handled))
+    kvm_make_request(KVM_REQ_LOAD_EOI_EXITMAP, vcpu)  # not in guest (nested) mode
+
+
+def _vectors(bitmap: int) -> list[int]:
+    return [v for v in range(bitmap.bit_length()) if bitmap >> v & 1]
+
+
+def vcpu_load_eoi_exitmap(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/x86.c: vcpu_load_eoi_exitmap  [vCPU thread: KVM_REQ_LOAD_EOI_EXITMAP]
+
+    Load the IOAPIC-handled vectors as the VMCS EOI-exit bitmap (vmx_load_eoi_exitmap), so
+    that with APICv their EOIs cause EOI-induced exits (spec §13.4).
+    v5.13 bug (code read in 5.12.9 and 5.14-rc5, identical): the on-stack bitmap is
+    filled (ioapic_handled_vectors | SynIC vectors) only when the vCPU has a Hyper-V
+    context and is passed to the VMCS uninitialised otherwise — since "KVM: x86: hyper-v:
+    Prepare to meet unallocated Hyper-V context" (v5.12; id recalled as f2bc14b69c38).  The
+    fix, "KVM: x86: Fix uninitialized eoi_exit_bitmap usage in vcpu_load_eoi_exitmap()"
+    (recalled, message not read here: mid-2021, with a stable backport), passes
+    ioapic_handled_vectors directly, the form later trees have.  Toggle
+    ``fix-eoi-exitmap-uninitialized`` (off = v5.13) applies it.
+    Differs from the kernel: vkick vCPUs have no Hyper-V context, and the uninitialised
+    stack contents are modelled as all zero — no vector exits on EOI, the case where every
+    level-triggered EOI under APICv is lost to the IOAPIC (its remote IRR stays set, the
+    pin never delivers again, the resampler never fires); on a real v5.13 host the bits are
+    whatever the stack held, so which vectors exit varies from load to load.
+    """
+    apic = vcpu.arch.apic
+    if apic is None or not apic.hw_enabled:
+        return
+    if "fix-eoi-exitmap-uninitialized" in vcpu.kvm.toggles:
+        eoi_exit_bitmap = vcpu.arch.ioapic_handled_vectors
+    else:
+        eoi_exit_bitmap = 0  # u64 eoi_exit_bitmap[4], never written (see above)
+    vmx_load_eoi_exitmap(vcpu, eoi_exit_bitmap)
+
+
+def vmx_load_eoi_exitmap(vcpu: KvmVcpu, eoi_exit_bitmap: int) -> None:
+    """arch/x86/kvm/vmx/vmx.c: vmx_load_eoi_exitmap — write EOI_EXIT_BITMAP0..3 (APICv
+    only)."""
+    if not vcpu.arch.apicv_active:
+        return
+    vcpu.arch.eoi_exit_bitmap = eoi_exit_bitmap
+    bus = vcpu.kvm.rt.bus
+    if bus.on:
+        bus.emit("vmx_load_eoi_exitmap", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id,
+                 vectors=_vectors(eoi_exit_bitmap))
+
+
+def kvm_arch_vm_ioctl_create_irqchip(kvm: Kvm) -> int:
+    """arch/x86/kvm/x86.c: kvm_arch_vm_ioctl, case KVM_CREATE_IRQCHIP  [process: VMM ioctl]
+
+    The full in-kernel irqchip: -EEXIST if it exists, -EINVAL once a vCPU was created;
+    create the IOAPIC, install the default routing (GSI n → IOAPIC pin n), then (after the
+    routing is visible) switch the VM to KVM_IRQCHIP_KERNEL.
+    Differs from the kernel: no PIC (kvm_pic_init); and a vkick VM starts in split mode
+    (in-kernel LAPICs, kvm_host.KvmArch), which the kernel would refuse here with -EEXIST.
+    """
+    from vkick.kvm.ioapic import kvm_ioapic_init  # noqa: PLC0415
+    from vkick.kvm.irq_comm import kvm_setup_default_irq_routing  # noqa: PLC0415
+
+    if kvm.arch.irqchip_mode == KVM_IRQCHIP_KERNEL:
+        return -17  # -EEXIST
+    if kvm.vcpus:
+        return -22  # -EINVAL
+    r = kvm_ioapic_init(kvm)
+    if r:
+        return r
+    kvm.arch.irqchip_mode = KVM_IRQCHIP_KERNEL  # before the routing: IRQCHIP needs it
+    r = kvm_setup_default_irq_routing(kvm)
+    if r:
+        kvm.arch.vioapic = None
+        return r
+    return 0
+
+
+def kvm_vm_ioctl_irq_line(kvm: Kvm, irq: int, level: int, line_status: bool = False) -> int:
+    """arch/x86/kvm/x86.c: kvm_vm_ioctl_irq_line (KVM_IRQ_LINE)  [process: VMM ioctl]
+
+    The VMM drives GSI ``irq`` to ``level`` as KVM_USERSPACE_IRQ_SOURCE_ID (kvm_set_irq);
+    returns the status KVM_IRQ_LINE_STATUS would report.  Raising a line is an interrupt
+    source of its own: it takes a new correlation id.
+    """
+    from vkick.kvm.irqchip import kvm_set_irq  # noqa: PLC0415
+    from vkick.kvm.kvm_host import KVM_USERSPACE_IRQ_SOURCE_ID  # noqa: PLC0415
+
+    rt = kvm.rt
+    saved = rt.cur_irq
+    rt.cur_irq = rt.next_irq_id() if level else 0
+    try:
+        return kvm_set_irq(kvm, KVM_USERSPACE_IRQ_SOURCE_ID, irq, level, line_status)
+    finally:
+        rt.cur_irq = saved
+
+
 async def vmx_handle_exit(vcpu: KvmVcpu, ex: Exit) -> int:
     """arch/x86/kvm/vmx/vmx.c: vmx_handle_exit — dispatch on the exit reason."""
     reason, qual, val = ex
@@ -305,6 +456,19 @@ async def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
     toggles = kvm.toggles
     bus = rt.bus
     req_immediate_exit = False
+    if kvm_request_pending(vcpu):
+        # The part of the request block this path uses, in the kernel's order.
+        if kvm_check_request(KVM_REQ_IOAPIC_EOI_EXIT, vcpu):
+            vector = arch.pending_ioapic_eoi
+            if arch.ioapic_handled_vectors >> vector & 1 and bus.on:
+                # KVM_EXIT_IOAPIC_EOI: the exit to a userspace IOAPIC is not modelled.
+                bus.emit("vkick_warn", vm=kvm.name, vcpu=vcpu.vcpu_id,
+                         what=f"KVM_EXIT_IOAPIC_EOI for vector {vector:#x} (split irqchip) "
+                              f"is not modelled: the EOI is dropped")
+        if kvm_check_request(KVM_REQ_SCAN_IOAPIC, vcpu):
+            vcpu_scan_ioapic(vcpu)
+        if kvm_check_request(KVM_REQ_LOAD_EOI_EXITMAP, vcpu):
+            vcpu_load_eoi_exitmap(vcpu)
     if kvm_check_request(KVM_REQ_EVENT, vcpu):
         kvm_apic_accept_events(vcpu)
         if arch.mp_state == MpState.KVM_MP_STATE_INIT_RECEIVED:

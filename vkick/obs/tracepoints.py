@@ -81,11 +81,46 @@ EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in (
     _ev("irqfd_inject", "debug", "the workqueue slow path injects (merged signals once)", VM,
         GSI, IRQS),
     _ev("irqfd_assign", "info", "KVM_IRQFD assign", VM, GSI, ("efd", "str", "eventfd name"),
-        ("pending", "bool", "the eventfd was already signalled: injected at assignment")),
+        ("pending", "bool", "the eventfd was already signalled: injected at assignment"),
+        ("resample", "bool", "KVM_IRQFD_FLAG_RESAMPLE: a level-triggered irqfd with a "
+                             "resamplefd")),
+    _ev("irqfd_resampler_ack", "info", "virt/kvm/eventfd.c irqfd_resampler_ack: the guest "
+        "EOIed the GSI's pin; the line is de-asserted and every resamplefd of the GSI "
+        "signalled", VM, GSI, ("n", "int", "resamplefds signalled")),
+    _ev("kvm_notify_irqfd_resampler", "info", "toggle fix-resample-on-unmask (later "
+        "kernels): unmasking a pending level pin signals its resamplefds instead of "
+        "delivering", VM, GSI, ("n", "int", "resamplefds signalled")),
     _ev("irqfd_deassign", "info", "KVM_IRQFD deassign returned", VM, GSI,
         ("efd", "str", "eventfd name")),
     _ev("kvm_set_irq", "debug", "virt/kvm/irqchip.c kvm_set_irq", VM, GSI,
         ("level", "int", "line level"), ("irq_source_id", "int", "source id"), IRQ),
+    _ev("kvm_ioapic_set_irq", "debug", "arch/x86/kvm/ioapic.c ioapic_set_irq: a pin's line "
+        "changed (KVM tracepoint)", VM, ("e", "int", "the pin's redirection entry (64 bits)"),
+        ("pin", "int", "IOAPIC pin"),
+        ("coalesced", "bool", "no delivery: an edge pin already high, or the delivery "
+                              "reached no CPU"), IRQ),
+    _ev("ioapic_service", "debug", "arch/x86/kvm/ioapic.c ioapic_service: an IOAPIC pin is "
+        "delivered (r = -1: masked, or a level pin waiting for its EOI)", VM,
+        ("pin", "int", "IOAPIC pin"), VECTOR,
+        ("r", "int", "kvm_irq_delivery_to_apic result, -1 if not sent"), IRQS),
+    _ev("ioapic_write_indirect", "debug", "the guest wrote an IOAPIC redirection entry half "
+        "through IOWIN", VM, ("pin", "int", "IOAPIC pin"),
+        ("half", "int", "0 low (bits 31:0), 1 high (bits 63:32)"),
+        ("val", "int", "the 32-bit value written"), ("e", "int", "the entry afterwards")),
+    _ev("kvm_ioapic_update_eoi", "debug", "arch/x86/kvm/ioapic.c kvm_ioapic_update_eoi: an "
+        "EOI reaches the IOAPIC", VM, VCPU, VECTOR,
+        ("trigger_mode", "int", "1 level (TMR set), 0 edge")),
+    _ev("kvm_ack_irq", "debug", "virt/kvm/eventfd.c kvm_notify_acked_irq: an IOAPIC pin's EOI "
+        "runs its GSI's ack notifiers (KVM tracepoint)", VM,
+        ("irqchip", "int", "KVM_IRQCHIP_* (2 = IOAPIC)"), ("pin", "int", "pin")),
+    _ev("kvm_ioapic_delayed_eoi_inj", "info", "an EOI storm on a level pin: the next "
+        "re-delivery is deferred by 10 ms (KVM tracepoint)", VM,
+        ("e", "int", "the pin's redirection entry")),
+    _ev("vcpu_scan_ioapic", "debug", "arch/x86/kvm/x86.c vcpu_scan_ioapic: the vCPU's "
+        "IOAPIC-handled vectors were rebuilt", VM, VCPU,
+        ("vectors", "list[int]", "ioapic_handled_vectors")),
+    _ev("vmx_load_eoi_exitmap", "debug", "the VMCS EOI-exit bitmap was loaded (APICv)", VM,
+        VCPU, ("vectors", "list[int]", "vectors whose EOI causes an EOI-induced exit")),
     _ev("kvm_msi_set_irq", "debug", "an MSI route or KVM_SIGNAL_MSI is decoded", VM,
         ("address", "int", "MSI address"), ("data", "int", "MSI data"), IRQ),
     _ev("kvm_apic_accept_irq", "debug", "__apic_accept_irq accepted (or dropped) a vector",

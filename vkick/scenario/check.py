@@ -19,15 +19,26 @@ class VcpuOutcome:
     vectors: list[int] = field(default_factory=list)
     irr: set[int] = field(default_factory=set)
     isr: set[int] = field(default_factory=set)
+    tmr: set[int] = field(default_factory=set)
     rflags_if: bool = True  # the guest's IF at the end
     tpr: int = 0
     sw_enabled: bool = True
 
 
 @dataclass(slots=True)
+class IoapicOutcome:
+    """The in-kernel IOAPIC as KVM_GET_IRQCHIP reports it (pins)."""
+
+    irr: set[int] = field(default_factory=set)
+    remote_irr: set[int] = field(default_factory=set)
+
+
+@dataclass(slots=True)
 class Outcome:
     vcpus: list[VcpuOutcome]
     checkpoint_diffs: list[str] = field(default_factory=list)  # failed `expect` steps
+    resamples: dict[str, int] = field(default_factory=dict)  # resampling irqfd → signals
+    ioapic: IoapicOutcome | None = None  # None: no in-kernel IOAPIC (split irqchip)
 
 
 @dataclass(slots=True)
@@ -44,7 +55,7 @@ def _fmt(vectors: Iterable[int]) -> str:
 
 def compare_vcpu(where: str, got: VcpuOutcome, vectors: Sequence[int] | None, *,
                  irr: Iterable[int] | None, isr: Iterable[int] | None,
-                 count: int | None = None) -> list[str]:
+                 count: int | None = None, tmr: Iterable[int] | None = None) -> list[str]:
     """Diff lines for one vCPU's expectation (empty when it holds)."""
     diff: list[str] = []
     if vectors is not None and list(vectors) != got.vectors:
@@ -56,6 +67,28 @@ def compare_vcpu(where: str, got: VcpuOutcome, vectors: Sequence[int] | None, *,
         diff.append(f"{where}: irr expected {_fmt(sorted(irr))}, got {_fmt(sorted(got.irr))}")
     if isr is not None and set(isr) != got.isr:
         diff.append(f"{where}: isr expected {_fmt(sorted(isr))}, got {_fmt(sorted(got.isr))}")
+    if tmr is not None and set(tmr) != got.tmr:
+        diff.append(f"{where}: tmr expected {_fmt(sorted(tmr))}, got {_fmt(sorted(got.tmr))}")
+    return diff
+
+
+def compare_resamples(where: str, got: dict[str, int],
+                      expected: dict[str, int | None]) -> list[str]:
+    """Diff lines for resamplefd signal counts (empty when they hold)."""
+    return [f"{where}: irqfd {name} resamples expected {n}, got {got.get(name, 0)}"
+            for name, n in expected.items() if n is not None and got.get(name, 0) != n]
+
+
+def compare_ioapic(where: str, got: IoapicOutcome | None, irr: Iterable[int] | None,
+                   remote_irr: Iterable[int] | None) -> list[str]:
+    """Diff lines for the IOAPIC's pending and remote-IRR pins (empty when they hold)."""
+    have = got or IoapicOutcome()
+    diff: list[str] = []
+    if irr is not None and set(irr) != have.irr:
+        diff.append(f"{where}: ioapic irr pins expected {sorted(irr)}, got {sorted(have.irr)}")
+    if remote_irr is not None and set(remote_irr) != have.remote_irr:
+        diff.append(f"{where}: ioapic remote_irr pins expected {sorted(remote_irr)}, got "
+                    f"{sorted(have.remote_irr)}")
     return diff
 
 
@@ -71,7 +104,13 @@ def compare(scenario: Any, outcome: Outcome) -> list[str]:
                 diff.append(f"vcpu {idx}: expected no deliveries, got {_fmt(got.vectors)}")
             continue
         diff += compare_vcpu(f"vcpu {idx}", got, exp.vectors, irr=exp.irr, isr=exp.isr,
-                             count=exp.count)
+                             count=exp.count, tmr=exp.tmr)
+    if expect is not None:
+        diff += compare_resamples("expect", outcome.resamples,
+                                  {k: v.resamples for k, v in expect.irqfd.items()})
+        if expect.ioapic is not None:
+            diff += compare_ioapic("expect", outcome.ioapic, expect.ioapic.irr,
+                                   expect.ioapic.remote_irr)
     total = expect.total if expect is not None else None
     if total is not None and total.count is not None:
         n = sum(len(v.vectors) for v in outcome.vcpus)

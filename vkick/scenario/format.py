@@ -1,12 +1,15 @@
 """The behaviour-scenario file format (shared/scenarios/FORMAT.md) as validated models.
 
 Unknown fields and wrong types are errors; every error becomes one ``ConfigError`` line
-naming the file, the dotted field path and what was expected.
+naming the file, the dotted field path and what was expected.  vkick's additions (IOAPIC
+routes, resampling irqfds, ``ioapic`` and ``line`` steps, ``toggles`` and the expectations
+on resamplefds, TMR and IOAPIC state) are described in docs/scenario-format.md.
 """
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +24,7 @@ from pydantic import (
 )
 
 from vkick.errors import ConfigError
+from vkick.kvm.kvm_host import KNOWN_TOGGLES, KVM_IOAPIC_NUM_PINS
 
 
 class _Model(BaseModel):
@@ -32,6 +36,8 @@ class Topology(_Model):
     apicv: Literal["on", "off", "both"] = "both"
     apic_mode: Literal["xapic", "x2apic"] = "xapic"
     eoi: Literal["auto", "manual"] = "auto"
+    # None: "kernel" (KVM_CREATE_IRQCHIP) when the scenario uses the IOAPIC, else "split".
+    irqchip: Literal["kernel", "split"] | None = None
 
 
 def _check_msi_data(data: int) -> int:
@@ -49,24 +55,44 @@ MsiData = Annotated[int, AfterValidator(_check_msi_data)]
 MsiAddress = Annotated[int, Field(ge=0, le=0xFFFFFFFFFFFFFFFF)]
 
 
-class Route(_Model):
-    gsi: int = Field(ge=0, lt=4096)
-    type: str = "msi"
-    address: MsiAddress
-    data: MsiData
+IOAPIC_PINS = KVM_IOAPIC_NUM_PINS
+Pin = Annotated[int, Field(ge=0, lt=IOAPIC_PINS)]
 
-    @field_validator("type")
-    @classmethod
-    def _msi_only(cls, v: str) -> str:
-        if v != "msi":
-            raise ValueError('expected "msi" (other route types are not modelled yet)')
-        return v
+
+def _check_route_type(v: str) -> str:
+    if v not in ("msi", "irqchip"):
+        raise ValueError('expected "msi" or "irqchip" (other route types are not modelled '
+                         'yet)')
+    return v
+
+
+def _check_irqchip(v: str) -> str:
+    if v != "ioapic":
+        raise ValueError('expected "ioapic" (the PIC is not modelled)')
+    return v
+
+
+RouteType = Annotated[str, AfterValidator(_check_route_type)]
+IrqchipName = Annotated[str, AfterValidator(_check_irqchip)]
+
+
+class Route(_Model):
+    """An MSI route (``address``, ``data``) or an IRQCHIP route (``pin``; ``irqchip`` is
+    "ioapic") — which fields go with which type is checked in Scenario._cross_check."""
+
+    gsi: int = Field(ge=0, lt=4096)
+    type: RouteType = "msi"
+    address: MsiAddress | None = None
+    data: MsiData | None = None
+    irqchip: IrqchipName | None = None
+    pin: Pin | None = None
 
 
 class Irqfd(_Model):
     name: str = Field(min_length=1)
     gsi: int = Field(ge=0, lt=4096)
     assign: bool = True
+    resample: bool = False  # KVM_IRQFD_FLAG_RESAMPLE with a resamplefd "<name>.resample"
 
 
 class _VcpuStep(_Model):
@@ -132,8 +158,38 @@ class DeassignStep(_Model):
 class RouteStep(_Model):
     do: Literal["route"]
     gsi: int = Field(ge=0, lt=4096)
-    address: MsiAddress
-    data: MsiData
+    type: RouteType = "msi"
+    address: MsiAddress | None = None
+    data: MsiData | None = None
+    irqchip: IrqchipName | None = None
+    pin: Pin | None = None
+
+
+def _check_ioapic_vector(v: int) -> int:
+    if not 16 <= v <= 0xFF:
+        raise ValueError(f"expected a vector 16..255, got {v}")
+    return v
+
+
+class IoapicStep(_VcpuStep):
+    """The guest writes one IOAPIC redirection entry (IOREGSEL/IOWIN, high half first)."""
+
+    do: Literal["ioapic"]
+    pin: Pin
+    vector: Annotated[int, AfterValidator(_check_ioapic_vector)]
+    trigger: Literal["edge", "level"] = "edge"
+    mask: bool = False
+    dest: int = Field(default=0, ge=0, le=0xFF)
+    dest_mode: Literal["physical", "logical"] = "physical"
+    delivery: Literal["fixed", "lowest"] = "fixed"
+
+
+class LineStep(_Model):
+    """KVM_IRQ_LINE: the VMM drives a GSI's line (userspace source id)."""
+
+    do: Literal["line"]
+    gsi: int = Field(ge=0, lt=4096)
+    level: int = Field(ge=0, le=1)
 
 
 class WaitStep(_Model):
@@ -146,18 +202,27 @@ class ExpectStep(_VcpuStep):
     vectors: list[int]
     irr: list[int] | None = None
     isr: list[int] | None = None
+    tmr: list[int] | None = None
+    resamples: dict[str, Annotated[int, Field(ge=0)]] | None = None
+    ioapic_irr: list[Pin] | None = None
+    remote_irr: list[Pin] | None = None
 
 
 Step = Annotated[
     SignalStep | MsiStep | IpiStep | CliStep | StiStep | TprStep | EoiStep | HaltStep
-    | ApicStep | AssignStep | DeassignStep | RouteStep | WaitStep | ExpectStep,
+    | ApicStep | AssignStep | DeassignStep | RouteStep | WaitStep | ExpectStep | IoapicStep
+    | LineStep,
     Field(discriminator="do")]
+
+STEP_TAGS = frozenset({"signal", "msi", "ipi", "cli", "sti", "tpr", "eoi", "halt", "apic",
+                       "assign", "deassign", "route", "wait", "expect", "ioapic", "line"})
 
 
 class VcpuExpect(_Model):
     vectors: list[int] | None = None
     irr: list[int] | None = None
     isr: list[int] | None = None
+    tmr: list[int] | None = None
     count: int | None = Field(default=None, ge=0)
 
 
@@ -165,9 +230,20 @@ class TotalExpect(_Model):
     count: int | None = Field(default=None, ge=0)
 
 
+class IrqfdExpect(_Model):
+    resamples: int | None = Field(default=None, ge=0)  # times its resamplefd was signalled
+
+
+class IoapicExpect(_Model):
+    irr: list[Pin] | None = None  # pins pending as KVM_GET_IRQCHIP reports them
+    remote_irr: list[Pin] | None = None  # level pins waiting for their EOI
+
+
 class Expect(_Model):
     vcpu: dict[int, VcpuExpect] = Field(default_factory=dict)
     total: TotalExpect | None = None
+    irqfd: dict[str, IrqfdExpect] = Field(default_factory=dict)
+    ioapic: IoapicExpect | None = None
 
     @field_validator("vcpu", mode="before")
     @classmethod
@@ -188,6 +264,7 @@ class Scenario(_Model):
     source: str = ""
     description: str = ""
     topology: Topology
+    toggles: list[str] = Field(default_factory=list)  # Kvm.toggles (kvm_host.KNOWN_TOGGLES)
     routes: list[Route] = Field(default_factory=list)
     irqfds: list[Irqfd] = Field(default_factory=list)
     steps: list[Step] = Field(default_factory=list)
@@ -195,6 +272,9 @@ class Scenario(_Model):
 
     @model_validator(mode="after")
     def _cross_check(self) -> Scenario:
+        for i, t in enumerate(self.toggles):
+            if t not in KNOWN_TOGGLES:
+                raise _FieldError(f"toggles[{i}]", f"one of {sorted(KNOWN_TOGGLES)}", repr(t))
         names = [f.name for f in self.irqfds]
         for i, name in enumerate(names):
             if name in names[:i]:
@@ -203,6 +283,15 @@ class Scenario(_Model):
         for i, g in enumerate(gsis):
             if g in gsis[:i]:
                 raise _FieldError(f"routes[{i}].gsi", "a GSI not already routed", str(g))
+        split = self.topology.irqchip == "split"
+        for i, r in enumerate(self.routes):
+            _check_route_fields(f"routes[{i}]", r, split)
+        for i, fd in enumerate(self.irqfds):
+            if fd.resample and split:
+                raise _FieldError(f"irqfds[{i}].resample", "false on a split irqchip "
+                                  "(KVM_IRQFD refuses KVM_IRQFD_FLAG_RESAMPLE with -EINVAL "
+                                  "without the in-kernel IOAPIC)", "true")
+        resampling = {f.name for f in self.irqfds if f.resample}
         n = self.topology.vcpus
         for i, step in enumerate(self.steps):
             irqfd = getattr(step, "irqfd", None)
@@ -212,11 +301,72 @@ class Scenario(_Model):
             vcpu = getattr(step, "vcpu", None)
             if vcpu is not None and vcpu >= n:
                 raise _FieldError(f"steps[{i}].vcpu", f"a vCPU index < {n}", str(vcpu))
+            if isinstance(step, RouteStep):
+                _check_route_fields(f"steps[{i}]", step, split)
+            elif isinstance(step, IoapicStep) and split:
+                raise _FieldError(f"steps[{i}].do", "no IOAPIC step on a split irqchip "
+                                  "(the IOAPIC is not in the kernel)", '"ioapic"')
+            elif isinstance(step, ExpectStep):
+                _check_resamples(f"steps[{i}].resamples", step.resamples or {}, resampling)
+                if split and (step.ioapic_irr is not None or step.remote_irr is not None):
+                    raise _FieldError(f"steps[{i}].ioapic_irr", "no IOAPIC expectation on a "
+                                      "split irqchip", "a list")
         if self.expect is not None:
             for idx in self.expect.vcpu:
                 if not 0 <= idx < n:
                     raise _FieldError(f"expect.vcpu.{idx}", f"a vCPU index < {n}", str(idx))
+            _check_resamples("expect.irqfd", {k: v.resamples for k, v in
+                                              self.expect.irqfd.items()}, resampling)
+            if split and self.expect.ioapic is not None:
+                raise _FieldError("expect.ioapic", "no IOAPIC expectation on a split irqchip",
+                                  "a table")
         return self
+
+    def irqchip_mode(self) -> str:
+        """``topology.irqchip``, or "kernel" when the scenario uses the IOAPIC (an irqchip
+        route, a resampling irqfd, an ``ioapic`` step, an IOAPIC expectation), else
+        "split"."""
+        if self.topology.irqchip is not None:
+            return self.topology.irqchip
+        uses = (any(r.type == "irqchip" for r in self.routes)
+                or any(f.resample for f in self.irqfds)
+                or any(isinstance(s, IoapicStep)
+                       or (isinstance(s, RouteStep) and s.type == "irqchip")
+                       or (isinstance(s, ExpectStep)
+                           and (s.ioapic_irr is not None or s.remote_irr is not None))
+                       for s in self.steps)
+                or (self.expect is not None and self.expect.ioapic is not None))
+        return "kernel" if uses else "split"
+
+
+def _check_route_fields(where: str, r: Route | RouteStep, split: bool) -> None:
+    """Which fields go with which route type (one ConfigError line naming the field)."""
+    if r.type == "msi":
+        for name in ("address", "data"):
+            if getattr(r, name) is None:
+                raise _FieldError(f"{where}.{name}", "a value for an MSI route", "nothing")
+        for name in ("irqchip", "pin"):
+            if getattr(r, name) is not None:
+                raise _FieldError(f"{where}.{name}", 'no such field on an MSI route (it '
+                                  'belongs to type = "irqchip")', repr(getattr(r, name)))
+        return
+    if split:
+        raise _FieldError(f"{where}.type", '"msi" on a split irqchip (KVM_SET_GSI_ROUTING '
+                          'refuses IRQCHIP routes with -EINVAL)', '"irqchip"')
+    if r.pin is None:
+        raise _FieldError(f"{where}.pin", f"an IOAPIC pin 0..{IOAPIC_PINS - 1} for an "
+                          "irqchip route", "nothing")
+    for name in ("address", "data"):
+        if getattr(r, name) is not None:
+            raise _FieldError(f"{where}.{name}", 'no such field on an irqchip route (it '
+                              'belongs to type = "msi")', hex(getattr(r, name)))
+
+
+def _check_resamples(where: str, counts: Mapping[str, int | None], resampling: set[str]) -> None:
+    for name in counts:
+        if name not in resampling:
+            raise _FieldError(f"{where}.{name}", "the name of an irqfd with resample = true "
+                              f"({sorted(resampling)})", repr(name))
 
 
 class _FieldError(ValueError):
@@ -230,9 +380,7 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in {"signal", "msi", "ipi", "cli", "sti", "tpr", "eoi", "halt", "apic",
-                      "assign", "deassign", "route", "wait", "expect"} and out.startswith(
-                          "steps"):
+        elif part in STEP_TAGS and out.startswith("steps"):
             continue  # the discriminator tag pydantic inserts
         else:
             out += ("." if out else "") + str(part)
@@ -256,7 +404,8 @@ def validation_error_line(file: str, exc: ValidationError) -> ConfigError:
                            + ")", repr(ctx.get("tag")))
     got = err.get("input")
     msg = msg.removeprefix("Value error, ")
-    return ConfigError(file, field, msg[0].lower() + msg[1:], repr(got)
+    msg = (msg[0].lower() + msg[1:]).removeprefix("expected ")  # ConfigError says it
+    return ConfigError(file, field, msg, repr(got)
                        if not isinstance(got, dict) else "a table")
 
 
