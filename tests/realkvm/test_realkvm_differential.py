@@ -206,7 +206,7 @@ class RealSide:
     def signal(self, gsi: int) -> None:
         os.eventfd_write(self.efds[gsi], 1)
         if self.settle:
-            k.settle(self.state, quiet_s=0.02, timeout_s=0.1)
+            k.settle(self.state, quiet_s=0.02, timeout_s=0.5)
 
     def state(self) -> list[tuple[int, int, int, int]]:
         return [(irr, isr, tmr, v.reg(k.APIC_PROCPRI))
@@ -277,13 +277,17 @@ def run_sequence(seq: list[Op], make_model: Callable[[], Side] = _model_side) ->
                     continue
                 mdl.signal(op.gsi)
                 real.signal(op.gsi)
-            want = mdl.state()
             if isinstance(op, Signal | Route):
                 # The real slow path (irqfd_inject) runs in a kworker: wait for the result,
                 # then for quiet, so a pending inject cannot run later under a newer route
                 # (kvm_set_irq looks the route up afresh) — a real-kernel race, not a mismatch.
-                k.poll_until(lambda: real.state() == want, timeout_s=0.1)  # noqa: B023
-                k.settle(real.state, quiet_s=0.01, timeout_s=0.05)
+                # The other side may be a real VM too (its kworker as late as ours): compare
+                # against its current state each time.  The bound is generous because a
+                # loaded machine can delay a kworker by many milliseconds; a match returns
+                # at once.
+                k.poll_until(lambda: real.state() == mdl.state(), timeout_s=2.0)  # noqa: B023
+                k.settle(real.state, quiet_s=0.01, timeout_s=0.2)
+            want = mdl.state()
             got = real.state()
             assert got == want and r_real == r_model, (
                 f"step {step} {op}: KVM_SIGNAL_MSI real={r_real} model={r_model}\n"
