@@ -142,7 +142,8 @@ async def _guest_wait(vcpu: Any, pcpu: PhysicalCpu, until_ns: int | None) -> Non
 
     NOTE: one timer per work deadline, kept across interruptions (its callback only pokes
     the CPU), rather than a new timer each time an interrupt preempts the work
-    (bench/bench_e2e.py).
+    (bench/bench_e2e.py).  ``work_deadline`` names the deadline a timer is still pending
+    for: the timer clears it when it fires, so a deadline met again later gets a new one.
     """
     rt = vcpu.kvm.rt
     loop = rt.loop
@@ -150,11 +151,17 @@ async def _guest_wait(vcpu: Any, pcpu: PhysicalCpu, until_ns: int | None) -> Non
     pcpu.wake_fut = fut
     if until_ns is not None and pcpu.work_deadline != until_ns:
         pcpu.work_deadline = until_ns
-        loop.call_at(until_ns / 1e9, pcpu.poke)
+        loop.call_at(until_ns / 1e9, _work_deadline, pcpu, until_ns)
     try:
         await fut
     finally:
         pcpu.wake_fut = None
+
+
+def _work_deadline(pcpu: PhysicalCpu, until_ns: int) -> None:
+    if pcpu.work_deadline == until_ns:
+        pcpu.work_deadline = -1
+    pcpu.poke()
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
