@@ -23,11 +23,11 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console  # noqa: PLC0415
     from rich.markup import escape  # noqa: PLC0415
 
-    from vkick.scenario.check import check_files  # noqa: PLC0415
+    from vkick import check_scenarios  # noqa: PLC0415
 
     console = Console(highlight=False)
     seeds = range(args.seed, args.seed + max(1, args.seeds))
-    results = check_files(args.files, seeds=seeds, policy=args.policy)
+    results = check_scenarios(args.files, seeds=seeds, policy=args.policy)
     failed = 0
     for res in results:
         if res.passed:

@@ -6,7 +6,9 @@ It reads only info-level records — ``vkick_irq`` (each interrupt's life, from
 ``vkick_rr`` — so ``vkick run`` (subscribed to the bus) and ``vkick analyze`` (reading a
 log at the default info level, or at debug level) produce the same ``to_json()``: one
 schema (``signalled``, ``coalesced``, ``delivered``, per path, per VM, per vCPU, per queue
-…).  The same counters are kept for the whole host, per VM and per vCPU (:class:`Tally`).
+…).  The same counters are kept for the whole host, per VM, per vCPU and per queue
+(:class:`Tally`); a queue's ``delivered`` counts its signals that reached the guest (the
+others count handler runs, which know no queue).
 Latencies go into HDR histograms: bounded memory whatever the run length.
 """
 
@@ -232,6 +234,10 @@ class RunStats:
         path = rec["path"]
         lat = max(1, rec["latency_ns"])
         coalesced = rec["coalesced"]
+        if rec["source"] == "signal":
+            # A queue's "delivered": its signals that reached the guest (the guest-side
+            # count of handler runs, vkick_guest_irq, knows no queue).
+            scopes[-1].delivered += 1
         for t in scopes:
             if coalesced:
                 t.coalesced += 1

@@ -393,7 +393,10 @@ def validation_error_line(file: str, exc: ValidationError) -> ConfigError:
     ctx = err.get("ctx") or {}
     inner = ctx.get("error")
     if isinstance(inner, _FieldError):
-        return ConfigError(file, inner.field, inner.expected, inner.got)
+        # A cross-field rule of a nested table names its field relative to that table.
+        prefix = _loc(tuple(err["loc"]))
+        return ConfigError(file, f"{prefix}.{inner.field}" if prefix else inner.field,
+                           inner.expected, inner.got)
     field = _loc(tuple(err["loc"])) or "(top level)"
     got: Any
     msg = err["msg"]
