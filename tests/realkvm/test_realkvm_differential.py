@@ -285,7 +285,7 @@ def run_sequence(seq: list[Op], make_model: Callable[[], Side] = _model_side) ->
                 # against its current state each time.  The bound is generous because a
                 # loaded machine can delay a kworker by many milliseconds; a match returns
                 # at once.
-                k.poll_until(lambda: real.state() == mdl.state(), timeout_s=2.0)  # noqa: B023
+                k.poll_until(lambda: real.state() == mdl.state(), timeout_s=2.0)
                 k.settle(real.state, quiet_s=0.01, timeout_s=0.2)
             want = mdl.state()
             got = real.state()
