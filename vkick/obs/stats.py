@@ -142,18 +142,37 @@ class RunStats:
         self.rate: Counter[int] = Counter()
         self.latency_by_path: dict[str, Latencies] = {}
 
+        # NOTE: hot (every info-level record, online and in analyze): one dict lookup picks
+        # the handler, and the (host, VM, vCPU) / (host, VM, queue) scope tuples are built
+        # once per key (bench/bench_obs.py).
+        self._by_vcpu: dict[tuple[str, int], tuple[Tally, Tally, Tally]] = {}
+        self._by_queue: dict[tuple[str, str, str], tuple[Tally, Tally, Tally]] = {}
+        self._handlers: dict[str, Any] = {
+            "vkick_irq": self._irq, "vkick_guest_irq": self._guest_irq,
+            "kvm_exit": self._exit, "vkick_host_ipi": self._host_ipi,
+            "kvm_apic_ipi": self._guest_ipi, "vhost_signal": self._vhost_signal,
+            "handle_rx": self._handle_rx, "handle_tx": self._handle_tx,
+            "vkick_tun_drop": self._drop, "vkick_rr": self._rr}
+
     def _vm(self, vm: str) -> Tally:
         t = self.vms.get(vm)
         if t is None:
             t = self.vms[vm] = Tally()
         return t
 
-    def _vcpu(self, vm: str, vcpu: int) -> Tally:
-        key = f"{vm}/{vcpu}"
-        t = self.vcpus.get(key)
-        if t is None:
-            t = self.vcpus[key] = Tally()
-        return t
+    def _vcpu_scopes(self, vm: str, vcpu: int) -> tuple[Tally, Tally, Tally]:
+        scopes = self._by_vcpu.get((vm, vcpu))
+        if scopes is None:
+            t = self.vcpus[f"{vm}/{vcpu}"] = Tally()
+            scopes = self._by_vcpu[(vm, vcpu)] = (self.total, self._vm(vm), t)
+        return scopes
+
+    def _queue_scopes(self, vm: str, dev: str, vq: str) -> tuple[Tally, Tally, Tally]:
+        scopes = self._by_queue.get((vm, dev, vq))
+        if scopes is None:
+            scopes = self._by_queue[(vm, dev, vq)] = (self.total, self._vm(vm),
+                                                      self._queue(f"{vm}/{dev}/{vq}"))
+        return scopes
 
     def _queue(self, key: str) -> Tally:
         t = self.queues.get(key)
@@ -162,65 +181,68 @@ class RunStats:
         return t
 
     def __call__(self, rec: EventRecord) -> None:
-        ev = rec["ev"]
-        if ev == "vkick_irq":
-            self._irq(rec)
-        elif ev == "vkick_guest_irq":
-            vm, vcpu = rec["vm"], rec["vcpu"]
-            for t in (self.total, self._vm(vm), self._vcpu(vm, vcpu)):
-                t.delivered += 1
-            self.rate[rec["t"] // RATE_BUCKET_NS] += 1
-        elif ev == "kvm_exit":
-            reason = rec["reason"]
-            vm = rec["vm"]
-            for t in (self.total, self._vm(vm), self._vcpu(vm, rec["vcpu"])):
-                t.exits[reason] += 1
-        elif ev == "vkick_host_ipi":
-            vec = f"{rec['hvector']:#x}"
+        handler = self._handlers.get(rec["ev"])
+        if handler is not None:
+            handler(rec)
+
+    def _guest_irq(self, rec: EventRecord) -> None:
+        for t in self._vcpu_scopes(rec["vm"], rec["vcpu"]):
+            t.delivered += 1
+        self.rate[rec["t"] // RATE_BUCKET_NS] += 1
+
+    def _exit(self, rec: EventRecord) -> None:
+        reason = rec["reason"]
+        for t in self._vcpu_scopes(rec["vm"], rec["vcpu"]):
+            t.exits[reason] += 1
+
+    def _host_ipi(self, rec: EventRecord) -> None:
+        vec = f"{rec['hvector']:#x}"
+        vm = rec.get("vm")
+        if not vm:
             self.total.host_ipis[vec] += 1
-            vm = rec.get("vm")
-            if vm:
-                self._vm(vm).host_ipis[vec] += 1
-                if rec["vcpu"] >= 0:
-                    self._vcpu(vm, rec["vcpu"]).host_ipis[vec] += 1
-        elif ev == "kvm_apic_ipi":
-            vec = f"{rec['vector']:#x}"
-            vm = rec["vm"]
-            for t in (self.total, self._vm(vm), self._vcpu(vm, rec["vcpu"])):
-                t.guest_ipis[vec] += 1
-        elif ev == "vhost_signal":
-            if not rec["signalled"]:
-                vm = rec["vm"]
-                for t in (self.total, self._vm(vm),
-                          self._queue(f"{vm}/{rec['dev']}/{rec['vq']}")):
-                    t.suppressed += 1
-        elif ev in ("handle_rx", "handle_tx"):
-            vm = rec["vm"]
-            rx = ev == "handle_rx"
-            for t in (self.total, self._vm(vm), self._queue(f"{vm}/{rec['dev']}/{rec['vq']}")):
-                if rx:
-                    t.rx_packets += rec["pkts"]
-                    t.rx_bytes += rec["bytes"]
-                else:
-                    t.tx_packets += rec["pkts"]
-                    t.tx_bytes += rec["bytes"]
-        elif ev == "vkick_tun_drop":
-            vm = rec["vm"]
-            for t in (self.total, self._vm(vm), self._queue(f"{vm}/{rec['dev']}/{rec['vq']}")):
-                t.drops += 1
-        elif ev == "vkick_rr":
-            vm = rec["vm"]
-            rtt = max(1, rec["rtt_ns"])
-            for t in (self.total, self._vm(vm), self._vcpu(vm, rec["vcpu"]),
-                      self._queue(f"{vm}/{rec['dev']}/{rec['vq']}")):
-                t.record_rtt(rtt)
+        elif rec["vcpu"] >= 0:
+            for t in self._vcpu_scopes(vm, rec["vcpu"]):
+                t.host_ipis[vec] += 1
+        else:
+            self.total.host_ipis[vec] += 1
+            self._vm(vm).host_ipis[vec] += 1
+
+    def _guest_ipi(self, rec: EventRecord) -> None:
+        vec = f"{rec['vector']:#x}"
+        for t in self._vcpu_scopes(rec["vm"], rec["vcpu"]):
+            t.guest_ipis[vec] += 1
+
+    def _vhost_signal(self, rec: EventRecord) -> None:
+        if not rec["signalled"]:
+            for t in self._queue_scopes(rec["vm"], rec["dev"], rec["vq"]):
+                t.suppressed += 1
+
+    def _handle_rx(self, rec: EventRecord) -> None:
+        for t in self._queue_scopes(rec["vm"], rec["dev"], rec["vq"]):
+            t.rx_packets += rec["pkts"]
+            t.rx_bytes += rec["bytes"]
+
+    def _handle_tx(self, rec: EventRecord) -> None:
+        for t in self._queue_scopes(rec["vm"], rec["dev"], rec["vq"]):
+            t.tx_packets += rec["pkts"]
+            t.tx_bytes += rec["bytes"]
+
+    def _drop(self, rec: EventRecord) -> None:
+        for t in self._queue_scopes(rec["vm"], rec["dev"], rec["vq"]):
+            t.drops += 1
+
+    def _rr(self, rec: EventRecord) -> None:
+        rtt = max(1, rec["rtt_ns"])
+        vm = rec["vm"]
+        for t in (*self._vcpu_scopes(vm, rec["vcpu"]),
+                  self._queue_scopes(vm, rec["dev"], rec["vq"])[2]):
+            t.record_rtt(rtt)
 
     def _irq(self, rec: EventRecord) -> None:
         vm = rec["vm"]
         vcpu = rec["vcpu"]
-        scopes = [self.total, self._vm(vm)] if vm else [self.total]
-        if vcpu >= 0 and vm:
-            scopes.append(self._vcpu(vm, vcpu))
+        scopes: list[Tally] = (list(self._vcpu_scopes(vm, vcpu)) if vcpu >= 0 and vm else
+                               [self.total, self._vm(vm)] if vm else [self.total])
         if rec["source"] == "signal":
             scopes.append(self._queue(rec["origin"]))
         if rec["first"]:
