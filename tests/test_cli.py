@@ -156,3 +156,17 @@ def test_vkick_analyze_reads_a_rotated_log_as_one_run(
     offline = json.loads(capsys.readouterr().out)
     offline.pop("bad_lines")
     assert offline == online
+
+
+def test_vkick_analyze_human_output_has_every_table(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --json, analyze prints the overview, per-VM/vCPU, exits and IPIs, latency
+    breakdowns and rate tables (the same renderers vkick run uses), exit 0."""
+    log = tmp_path / "run.jsonl"
+    assert main(["run", "--duration", "1ms", "--log", str(log), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["analyze", str(log)]) == 0
+    out = capsys.readouterr().out
+    for title in ("vkick analyze", "interrupts per VM / vCPU", "VM exits and IPIs",
+                  "signal → handler latency", "delivered interrupts over time"):
+        assert title in out, title

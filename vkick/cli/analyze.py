@@ -52,12 +52,12 @@ def main(args: argparse.Namespace) -> int:
     else:
         from rich.console import Console  # noqa: PLC0415
 
-        from vkick.cli.run import summary_table  # noqa: PLC0415
+        from vkick.cli.run import exits_table, summary_table, vm_table  # noqa: PLC0415
 
         console = Console(highlight=False)
         names = ", ".join(str(p) for p in logs)
         console.print(summary_table(summary, f"vkick analyze — {names}"))
-        for table in detail_tables(summary):
+        for table in (vm_table(summary), exits_table(summary), *detail_tables(summary)):
             console.print(table)
         for v in summary["violations"]:
             print(f"violation {v['invariant']}: {v['detail']}", file=sys.stderr)
@@ -79,9 +79,10 @@ def detail_tables(summary: dict[str, Any]) -> list[Any]:
     lat = Table(title="signal → handler latency (ns)")
     for col in ("by", "key", "count", "p50", "p90", "p99", "max"):
         lat.add_column(col, justify="left" if col in ("by", "key") else "right")
-    groups = [("path", summary["latency_ns_by_path"]),
-              ("vCPU", {k: v["latency_ns"] for k, v in summary["per_vcpu"].items()}),
-              ("queue", summary["latency_ns_by_queue"])]
+    vcpus = {f"{vm}/{k}": v["latency_ns"] for vm, t in summary["vms"].items()
+             for k, v in t["vcpus"].items()}
+    groups = [("path", summary["latency_ns_by_path"]), ("vCPU", vcpus),
+              ("queue", {k: v["latency_ns"] for k, v in summary["queues"].items()})]
     for by, table in groups:
         for key, h in table.items():
             lat.add_row(by, key, *(str(h[c]) for c in ("count", "p50", "p90", "p99", "max")))
@@ -89,6 +90,9 @@ def detail_tables(summary: dict[str, Any]) -> list[Any]:
     misc.add_column("metric")
     misc.add_column("value", justify="right")
     misc.add_row("coalescing ratio (coalesced / signalled)", f"{summary['coalescing_ratio']}")
+    for key, q in summary["queues"].items():
+        if q["signalled"]:
+            misc.add_row(f"  queue {key}", f"{q['coalesced'] / q['signalled']:.6f}")
     for vec, n in summary["guest_ipis"].items():
         misc.add_row(f"guest IPI {vec}", str(n))
     rate = Table(title="delivered interrupts over time")
