@@ -5,12 +5,13 @@ Kept light: vkick internals are imported inside fixtures, not when pytest loads 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
+    from vkick.host import Host
     from vkick.runtime.tasks import Runtime
 
 
@@ -39,10 +40,25 @@ def vkick_runtime(vkick_seed: int) -> Iterator[Runtime]:
         rt.close()
 
 
+@pytest.fixture
+def vkick_host(vkick_seed: int) -> Callable[..., Host]:
+    """A factory of :class:`vkick.Host` with the test's seed: in an async test (any plugin:
+    pytest-asyncio, anyio) write ``async with vkick_host(config) as host: ...``; ``config``
+    and keyword overrides are those of :meth:`vkick.Host.from_config`."""
+    from vkick.host import Host as _Host  # noqa: PLC0415
+
+    def make(config: Any = None, **overrides: Any) -> Host:
+        overrides.setdefault("seed", vkick_seed)
+        return _Host.from_config(config, **overrides)
+
+    return make
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Any:
     report = yield
-    if report.failed and "vkick_seed" in getattr(item, "fixturenames", ()):
+    fixtures = getattr(item, "fixturenames", ())
+    if report.failed and ("vkick_seed" in fixtures or "vkick_host" in fixtures):
         seed = item.funcargs.get("vkick_seed") if hasattr(item, "funcargs") else None
         if seed is not None:
             report.sections.append(
