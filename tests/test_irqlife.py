@@ -63,10 +63,10 @@ def test_invariant_checker_reports_lost_spurious_and_after_deassign_with_traces(
         bus.emit(ev, **f)
 
     at(0, "eventfd_signal", efd="e", n=1, count=1, irq=1)
-    at(10, "irqfd_wakeup", vm="vm0", gsi=1, irq=[1], r=1)
+    at(10, "irqfd_wakeup", vm="vm0", gsi=1, efd="e", irq=[1], r=1)
     at(20, "irqfd_deassign", vm="vm0", gsi=1, efd="e")
     at(30, "eventfd_signal", efd="e", n=1, count=1, irq=2)
-    at(40, "irqfd_wakeup", vm="vm0", gsi=1, irq=[2], r=1)  # after deassign: a violation
+    at(40, "irqfd_wakeup", vm="vm0", gsi=1, efd="e", irq=[2], r=1)  # after deassign: a violation
     at(50, "vkick_guest_irq", vm="vm0", vcpu=0, vector=0x41, irq=[])  # spurious
     at(5_000, "vkick_guest_irq", vm="vm0", vcpu=0, vector=0x41, irq=[1])  # late
     life.finish()  # irq 2 never delivered: lost

@@ -8,6 +8,11 @@ from typing import Any
 from vkick.obs.tracepoints import EVENTS, render_markdown, validate
 from vkick.scenario.assigned_device import run_assigned_device
 from vkick.scenario.format import load_scenario
+from vkick.scenario.irqfd_lifecycle import (
+    run_assign_race,
+    run_semaphore_reassign,
+    run_shared_eventfd,
+)
 from vkick.scenario.runner import run_scenario
 from vkick.testing import run_config
 
@@ -51,6 +56,24 @@ def test_every_emitted_event_conforms_to_the_schema() -> None:
                                   vcpu_cpus=[0, 0], nr_pcpus=2, irq_cpu=1, posting=posting,
                                   setup=busy, record=True)
         assert run.violations == []
+        for rec in run.events:
+            col(rec)
+    # The irqfd lifecycle runs (research/bugs.md #12-#14), with and without the bugs: the
+    # first seed whose race frees the irqfd emits the use-after-free reports.
+    lifecycle = [run_shared_eventfd(0, record=True), run_semaphore_reassign(0, record=True)]
+    no_srcu = frozenset({"bug-irqfd-assign-no-srcu"})
+    for seed in range(30):
+        run = run_assign_race(seed, no_srcu, record=True)
+        if run.found("memory safety: no use after free"):
+            lifecycle.append(run)
+            break
+    for seed in range(30):
+        run = run_assign_race(seed, no_srcu | {"bug-irqfd-early-fdput"}, other="close",
+                              record=True)
+        if run.found("memory safety: no use after free"):
+            lifecycle.append(run)
+            break
+    for run in lifecycle:
         for rec in run.events:
             col(rec)
     assert not col.problems, col.problems

@@ -129,6 +129,21 @@ def test_eventfd_ctx_do_read_semaphore_underflow_quirk(rt: Runtime) -> None:
     assert fixed.count == 0
 
 
+def test_eventfd_ctx_do_read_semaphore_underflow_is_reported(rt: Runtime) -> None:
+    """The eventfd model's assertion: a semaphore read at count 0 emits
+    vkick_eventfd_underflow (the oracle's "count never wraps", bug #14); a read at count > 0
+    and the fixed form do not."""
+    ctx = _ctx(rt, 1, EFD_SEMAPHORE)
+    fixed = EventfdCtx(rt, "f", 0, EFD_SEMAPHORE, fix_semaphore_underflow=True)
+    with capture_events(rt.bus, "vkick_eventfd_underflow") as events:
+        eventfd_ctx_do_read(ctx)
+        eventfd_ctx_do_read(fixed)
+        assert events == []
+        eventfd_ctx_do_read(ctx)
+    assert [(e["efd"], e["cnt"], e["count"]) for e in events] == [
+        (ctx.name, 1, ULLONG_MAX)]
+
+
 def test_eventfd_ctx_do_read_plain_takes_everything(rt: Runtime) -> None:
     """Non-semaphore: the whole count is read and reset to 0 (§5.3)."""
     ctx = _ctx(rt, 7)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from vkick.kernel.wait import (
     add_wait_queue,
     add_wait_queue_exclusive,
     add_wait_queue_priority,
+    add_wait_queue_priority_exclusive,
     autoremove_wake_function,
     default_wake_function,
     finish_wait,
@@ -166,6 +168,26 @@ def test_add_wait_queue_priority_nonexclusive_fix_lets_walk_continue() -> None:
     add_wait_queue_priority(wq, _irqfd_like(log, "irqfd2"), exclusive=False)
     wake_up_locked_poll(wq, EPOLLIN)
     assert [t for t, _ in log] == ["irqfd1", "irqfd2"]
+
+
+def test_add_wait_queue_priority_exclusive_refuses_a_second_priority_waiter() -> None:
+    """v6.17 (bug #13's fix): the first priority waiter goes to the front, exclusive; a
+    second one gets -EBUSY and is not queued; ordinary waiters do not count."""
+    wq = WaitQueueHead()
+    log: list[Any] = []
+    vhost = _irqfd_like(log, "vhost")
+    add_wait_queue(wq, vhost)
+    first = _irqfd_like(log, "irqfd1")
+    assert add_wait_queue_priority_exclusive(wq, first) == 0
+    assert first.flags == WQ_FLAG_EXCLUSIVE | WQ_FLAG_PRIORITY
+    second = _irqfd_like(log, "irqfd2")
+    assert add_wait_queue_priority_exclusive(wq, second) == -errno.EBUSY
+    assert not second.queued()
+    assert list(wq) == [first, vhost]
+    wake_up_locked_poll(wq, EPOLLIN)
+    assert [t for t, _ in log] == ["irqfd1"]  # KVM and only KVM is notified
+    remove_wait_queue(wq, first)
+    assert add_wait_queue_priority_exclusive(wq, second) == 0
 
 
 def test_wake_up_poll_epollhup_calls_everyone() -> None:

@@ -9,7 +9,13 @@ per-CPU recursion guard), ``eventfd_signal_count``, ``eventfd_ctx_do_read`` (wit
 semaphore underflow), ``eventfd_read`` / ``eventfd_write`` (a synchronous NOWAIT form and an
 async blocking form for a task), ``eventfd_poll`` (and an async form with the ``W-EFD-poll``
 window), ``eventfd_ctx_remove_wait_queue``, ``eventfd_release``, ``eventfd_ctx_fileget`` /
-``eventfd_ctx_put``.  Left out: file descriptors, ``show_fdinfo``, signals (-ERESTARTSYS).
+``eventfd_ctx_fdget`` / ``eventfd_ctx_put``.  Each context has its file
+(``ctx.file``, vkick/kernel/file.py): the VMM's fd holds one reference, kernel users that
+look the fd up take more, and the last ``fput`` runs ``eventfd_release`` (EPOLLHUP).
+Left out: fd numbers, ``show_fdinfo``, signals (-ERESTARTSYS).
+
+A semaphore read at count 0 (the v5.13 underflow, bug #14) emits
+``vkick_eventfd_underflow``: the oracle's "the count never wraps below 0".
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from collections.abc import Callable
 from typing import Final
 from weakref import WeakKeyDictionary
 
+from vkick.kernel.file import File, fdget, fdput
 from vkick.kernel.sched import TASK_INTERRUPTIBLE, TASK_NORMAL, TASK_RUNNING, TaskStruct
 from vkick.kernel.sched import schedule as _schedule
 from vkick.kernel.sched import set_current_state as _set_current_state
@@ -66,11 +73,15 @@ class EventfdCtx:
     ``count`` is the counter (0 ≤ count ≤ ULLONG_MAX), written only "under ``wqh.lock``"
     (synchronously).  ``flags`` are the creation flags (``EFD_SEMAPHORE``, and
     ``EFD_NONBLOCK`` standing for the file's ``O_NONBLOCK``).  ``name`` labels events.
+    ``file`` is the eventfd's ``struct file`` (``anon_inode_getfile``), its
+    ``private_data`` this context, its release ``eventfd_release``.
     ``fix_semaphore_underflow`` applies the v6.6 fix 758b49204781 (bug #14); off = v5.13.
+    It is a property of the host kernel's fs/eventfd.c; the builders set it from the
+    ``fix-efd-semaphore-underflow`` toggle of the VM they create the eventfd for.
     """
 
-    __slots__ = ("bus", "count", "fix_semaphore_underflow", "flags", "irqs", "kref", "name",
-                 "released", "rt", "wqh")
+    __slots__ = ("bus", "count", "file", "fix_semaphore_underflow", "flags", "irqs", "kref",
+                 "name", "released", "rt", "wqh")
 
     def __init__(self, rt: Runtime, name: str, count: int = 0, flags: int = 0, *,
                  fix_semaphore_underflow: bool = False) -> None:
@@ -82,6 +93,7 @@ class EventfdCtx:
         self.count = count
         self.flags = flags
         self.released = False  # eventfd_release ran (the file is closed)
+        self.file = File(name, self, eventfd_release)  # the VMM's fd holds the reference
         self.fix_semaphore_underflow = fix_semaphore_underflow
         # vkick bookkeeping: correlation ids of the signals counted but not yet consumed by
         # a reader (irqfd_wakeup, irqfd assignment take them over).
@@ -118,6 +130,21 @@ def eventfd_ctx_fileget(ctx: EventfdCtx) -> EventfdCtx:
     Take a context reference (irqfd and vhost hold one).  Spec §5.8.
     """
     ctx.kref += 1
+    return ctx
+
+
+def eventfd_ctx_fdget(ctx: EventfdCtx) -> EventfdCtx | int:
+    """fs/eventfd.c: eventfd_ctx_fdget  [process]
+
+    Look the fd up (``fdget``), take a context reference, drop the file again: the
+    context, or -EBADF if the fd is closed.  Spec §5.8.
+    Differs from the kernel: the context stands for its fd.
+    """
+    f = fdget(ctx.file)
+    if f is None:
+        return -errno.EBADF
+    eventfd_ctx_fileget(ctx)
+    fdput(f)
     return ctx
 
 
@@ -184,11 +211,22 @@ def eventfd_ctx_do_read(ctx: EventfdCtx) -> int:
 
     Take 1 (semaphore) or the whole count from the counter and return it; no check, no
     wake-up.  Spec §5.3.  A semaphore read at count 0 wraps the counter to ULLONG_MAX: the
-    v5.13 behaviour (bug #14), unless ``ctx.fix_semaphore_underflow``.
-    Differs from the kernel: returns ``cnt`` instead of storing it through a pointer.
+    v5.13 behaviour (bug #14; irqfd_shutdown's eventfd_ctx_remove_wait_queue does it after
+    the irqfd drained the count), unless ``ctx.fix_semaphore_underflow`` (758b49204781,
+    v6.6: read 1 only if the count is non-zero).
+    Differs from the kernel: returns ``cnt`` instead of storing it through a pointer; the
+    underflow emits ``vkick_eventfd_underflow`` (the eventfd model's assertion, checked by
+    the oracle).
     """
     if ctx.flags & EFD_SEMAPHORE:
-        cnt = 0 if ctx.fix_semaphore_underflow and ctx.count == 0 else 1
+        if ctx.count == 0:
+            if ctx.fix_semaphore_underflow:
+                return 0
+            bus = ctx.bus
+            if bus.on:
+                bus.emit("vkick_eventfd_underflow", efd=ctx.name, cnt=1,
+                         count=ULLONG_MAX)
+        cnt = 1
     else:
         cnt = ctx.count
     ctx.count = (ctx.count - cnt) & ULLONG_MAX
@@ -365,11 +403,15 @@ async def eventfd_poll_async(ctx: EventfdCtx, queue_proc: PollQueueProc | None, 
 def eventfd_release(ctx: EventfdCtx) -> None:
     """fs/eventfd.c: eventfd_release  [process]
 
-    The last file reference is closed: wake every entry with EPOLLHUP (irqfd queues its
-    shutdown), then drop the file's context reference.  Spec §5.8.
+    The last file reference is gone (``fput``, vkick/kernel/file.py): wake every entry with
+    EPOLLHUP (irqfd queues its shutdown), then drop the file's context reference.  Spec
+    §5.8.
     """
     if ctx.released:
         raise RuntimeError(f"{ctx!r}: eventfd_release called twice (the file closes once)")
     ctx.released = True
+    bus = ctx.bus
+    if bus.on:
+        bus.emit("eventfd_release", efd=ctx.name)
     wake_up_poll(ctx.wqh, EPOLLHUP)
     eventfd_ctx_put(ctx)

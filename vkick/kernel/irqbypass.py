@@ -5,6 +5,8 @@ consumer can short-cut the producer's interrupt (VT-d posting).
 Covered: irq_bypass_register_producer, irq_bypass_unregister_producer,
 irq_bypass_register_consumer, irq_bypass_unregister_consumer, __connect, __disconnect.
 Differs from the kernel: one registry per run (the kernel's is global), passed as ``rt``.
+Walking the consumer list touches every consumer on it: one freed with its irqfd (bug
+#12) is reported as a use after free (vkick/kernel/kasan.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from weakref import WeakKeyDictionary
 
+from vkick.kernel.kasan import kasan_report
 from vkick.runtime.tasks import Runtime
 
 
@@ -33,7 +36,7 @@ class IrqBypassProducer:
 @dataclass(slots=True, eq=False)
 class IrqBypassConsumer:
     """include/linux/irqbypass.h: struct irq_bypass_consumer (KVM: ``owner`` is the irqfd,
-    container_of in the kernel)."""
+    container_of in the kernel; ``kasan_freed``: freed with it, vkick/kernel/kasan.py)."""
 
     token: Any = None
     add_producer: Callable[[IrqBypassConsumer, IrqBypassProducer], int] | None = None
@@ -41,6 +44,7 @@ class IrqBypassConsumer:
     stop: Callable[[IrqBypassConsumer], None] | None = None
     start: Callable[[IrqBypassConsumer], None] | None = None
     owner: Any = None
+    kasan_freed: bool = False
 
 
 @dataclass(slots=True)
@@ -57,6 +61,15 @@ def _registry(rt: Runtime) -> _Registry:
     if reg is None:
         reg = _registries[rt] = _Registry()
     return reg
+
+
+def _consumers(rt: Runtime, reg: _Registry, where: str) -> list[IrqBypassConsumer]:
+    """``list_for_each_entry(consumer, &consumers, node)``: the walk reads every entry."""
+    for consumer in reg.consumers:
+        if consumer.kasan_freed:
+            kasan_report(rt, f"irq_bypass_consumer {getattr(consumer.token, 'name', '?')}",
+                         where)
+    return reg.consumers
 
 
 def __connect(prod: IrqBypassProducer, cons: IrqBypassConsumer) -> int:
@@ -111,7 +124,7 @@ def irq_bypass_register_producer(rt: Runtime, producer: IrqBypassProducer) -> in
     reg = _registry(rt)
     if any(p.token is producer.token for p in reg.producers):
         return -errno.EBUSY
-    for consumer in reg.consumers:
+    for consumer in _consumers(rt, reg, "irq_bypass_register_producer"):
         if consumer.token is producer.token:
             ret = __connect(producer, consumer)
             if ret:
@@ -128,7 +141,7 @@ def irq_bypass_unregister_producer(rt: Runtime, producer: IrqBypassProducer) -> 
     reg = _registry(rt)
     if producer not in reg.producers:
         return
-    for consumer in reg.consumers:
+    for consumer in _consumers(rt, reg, "irq_bypass_unregister_producer"):
         if consumer.token is producer.token:
             __disconnect(producer, consumer)
             break
@@ -144,7 +157,8 @@ def irq_bypass_register_consumer(rt: Runtime, consumer: IrqBypassConsumer) -> in
     if consumer.token is None or consumer.add_producer is None or consumer.del_producer is None:
         return -errno.EINVAL
     reg = _registry(rt)
-    if any(c.token is consumer.token or c is consumer for c in reg.consumers):
+    if any(c.token is consumer.token or c is consumer
+           for c in _consumers(rt, reg, "irq_bypass_register_consumer")):
         return -errno.EBUSY
     for producer in reg.producers:
         if producer.token is consumer.token:
@@ -161,7 +175,7 @@ def irq_bypass_unregister_consumer(rt: Runtime, consumer: IrqBypassConsumer) -> 
     if consumer.token is None:
         return
     reg = _registry(rt)
-    if consumer not in reg.consumers:
+    if consumer not in _consumers(rt, reg, "irq_bypass_unregister_consumer"):
         return
     for producer in reg.producers:
         if producer.token is consumer.token:

@@ -11,16 +11,18 @@ insertion positions and the walk are exactly the kernel's.  The head's spinlock 
 every function here is synchronous, so "under ``wq_head->lock``" is simply "in one call".
 
 Covered: ``add_wait_queue``, ``add_wait_queue_exclusive``, ``add_wait_queue_priority``,
-``remove_wait_queue`` (and the ``__`` forms), ``prepare_to_wait``,
-``prepare_to_wait_exclusive``, ``finish_wait``, ``waitqueue_active``, ``__wake_up_common``
-(with bookmarks), ``__wake_up``, ``__wake_up_locked_key``, ``wake_up_locked_poll``,
-``wake_up_poll``, ``default_wake_function``, ``autoremove_wake_function`` and the
-``wait_event`` macro (as an async function over :mod:`vkick.kernel.sched`).
+``add_wait_queue_priority_exclusive`` (v6.17, for bug #13's fix), ``remove_wait_queue``
+(and the ``__`` forms), ``prepare_to_wait``, ``prepare_to_wait_exclusive``,
+``finish_wait``, ``waitqueue_active``, ``__wake_up_common`` (with bookmarks),
+``__wake_up``, ``__wake_up_locked_key``, ``wake_up_locked_poll``, ``wake_up_poll``,
+``default_wake_function``, ``autoremove_wake_function`` and the ``wait_event`` macro (as
+an async function over :mod:`vkick.kernel.sched`).
 Left out: ``wake_up_bit`` / ``wait_on_bit``, ``wait_event_timeout``, signals.
 """
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
@@ -222,6 +224,25 @@ def add_wait_queue_priority(wq_head: WaitQueueHead, wq_entry: WaitQueueEntry, *,
     """
     wq_entry.flags |= (WQ_FLAG_EXCLUSIVE | WQ_FLAG_PRIORITY) if exclusive else WQ_FLAG_PRIORITY
     __add_wait_queue(wq_head, wq_entry)
+
+
+def add_wait_queue_priority_exclusive(wq_head: WaitQueueHead,
+                                      wq_entry: WaitQueueEntry) -> int:
+    """kernel/sched/wait.c: add_wait_queue_priority_exclusive  [takes wq_head->lock]
+
+    Not in v5.13: added with bug #13's fix (v6.17, series of 2cdd64cbf990).  Set
+    EXCLUSIVE | PRIORITY; under the lock, refuse with -EBUSY if the first entry already is
+    a PRIORITY one, else insert at the front.  So a queue has at most one such waiter: a
+    second irqfd on an eventfd (in any VM) fails to bind instead of never being called
+    (spec §6.2, §6.4).
+    """
+    wq_entry.flags |= WQ_FLAG_EXCLUSIVE | WQ_FLAG_PRIORITY
+    sentinel = wq_head.head
+    first = sentinel.next
+    if first is not sentinel and first.flags & WQ_FLAG_PRIORITY:
+        return -errno.EBUSY
+    _list_add(wq_entry, sentinel)
+    return 0
 
 
 def remove_wait_queue(wq_head: WaitQueueHead, wq_entry: WaitQueueEntry) -> None:

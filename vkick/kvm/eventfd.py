@@ -14,12 +14,43 @@ the shared KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID and leaves it asserted; when the gue
 pin's vector the GSI's ack notifier (the resampler, one per GSI, shared by every resampling
 irqfd on it) de-asserts the line and signals each irqfd's resamplefd, so that the VMM can
 re-check the device and signal again.  MSI irqfds (the vhost case) never need one.
+
+Lifetime (spec §8.5, §8.8, §16.8; research/bugs.md #12): ``irqfd_shutdown`` frees the irqfd
+(``kfree``: a KASAN tombstone, vkick/kernel/kasan.py), and every place that can reach a
+freed irqfd — the wait-queue callback, the inject work, the assign ioctl after its
+preemption windows, the irq bypass consumer — checks the tombstone and reports a use after
+free.  v5.13 never gets there: ``kvm_irqfd_assign`` holds ``kvm->irq_srcu`` from before the
+irqfd is linked until it is fully set up, ``irqfd_shutdown`` starts with
+``synchronize_srcu``, and the eventfd's file stays pinned until the end of the assignment
+(so its EPOLLHUP cannot come early).
+
+Bug toggles (``kvm.toggles`` of the irqfd's VM; research/bugs.md):
+
+* ``bug-irqfd-assign-no-srcu`` (#12a, fixed by Lan Tianyu's "KVM/Eventfd: Avoid crash when
+  assign and deassign specific eventfd in parallel", ≈v4.15): the SRCU read section in
+  ``kvm_irqfd_assign`` covers only the route copy, and ``irqfd_shutdown`` does not
+  ``synchronize_srcu`` — a deassign in ``W-IRQFD-assign`` or ``W-IRQFD-bypass`` frees the
+  irqfd under the assignment.
+* ``bug-irqfd-early-fdput`` (#12b, fixed by "KVM: irqfd: fix race between EPOLLHUP and
+  irq_bypass_register_consumer", 2018, stable 2b3661d86038): the file reference is dropped
+  right after the poll, so a ``close()`` in ``W-IRQFD-bypass`` releases the eventfd and its
+  EPOLLHUP shuts the irqfd down before the bypass consumer is registered.  Needs
+  ``bug-irqfd-assign-no-srcu`` too: with v5.13's SRCU section, shutdown waits for the
+  assignment, so the early ``fdput`` alone frees nothing early.
+* ``fix-irqfd-exclusive-binding`` (#13, v6.17: 5f8ca05ea991, 86e00cd162a7, 2cdd64cbf990):
+  the assignment registers through ``kvm_irqfd_register`` — route, wait-queue entry and
+  list under ``irqfds.lock``, the entry added with ``add_wait_queue_priority_exclusive`` —
+  so a second irqfd on an eventfd that already has one (in any VM) fails with -EBUSY.
+  Off (v5.13): the second VM's irqfd binds, sits behind the first exclusive priority entry
+  and is never called.  The toggle is read from the *assigning* VM (the ioctl that would
+  fail is its).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,18 +58,21 @@ from typing import Any
 from vkick.kernel.eventfd import (
     EventfdCtx,
     eventfd_ctx_do_read,
+    eventfd_ctx_fdget,
     eventfd_ctx_fileget,
     eventfd_ctx_put,
     eventfd_ctx_remove_wait_queue,
     eventfd_poll,
     eventfd_signal,
 )
+from vkick.kernel.file import File, fdget, fdput
 from vkick.kernel.irqbypass import (
     IrqBypassConsumer,
     IrqBypassProducer,
     irq_bypass_register_consumer,
     irq_bypass_unregister_consumer,
 )
+from vkick.kernel.kasan import kasan_report, kfree
 from vkick.kernel.seqlock import (
     Seqcount,
     read_seqcount_begin,
@@ -53,6 +87,7 @@ from vkick.kernel.wait import (
     WaitQueueEntry,
     WaitQueueHead,
     add_wait_queue_priority,
+    add_wait_queue_priority_exclusive,
 )
 from vkick.kernel.workqueue import (
     Workqueue,
@@ -89,6 +124,7 @@ class KvmKernelIrqfd:
     guarded by ``irq_entry_sc``.  An irqfd is *active* while it is on ``kvm.irqfds``.
     ``pending_irqs`` holds the correlation ids merged into a pending ``inject`` work (vkick
     bookkeeping: the deferred injection reports which signals it satisfies).
+    ``kasan_freed``: ``irqfd_shutdown`` freed it (a tombstone, vkick/kernel/kasan.py).
     """
 
     kvm: Kvm
@@ -105,6 +141,7 @@ class KvmKernelIrqfd:
     producer: IrqBypassProducer | None = None
     resampler: KvmKernelIrqfdResampler | None = None  # resampling irqfds only
     resamplefd: EventfdCtx | None = None  # signalled on the guest's EOI (resampling only)
+    kasan_freed: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -146,6 +183,12 @@ def _cleanup_wq(kvm: Kvm) -> Workqueue:
     return wq
 
 
+def _irqfd_use_after_free(irqfd: KvmKernelIrqfd, where: str) -> None:
+    """KASAN's report for an access to a freed irqfd (callers test ``kasan_freed``)."""
+    kasan_report(irqfd.kvm.rt, f"irqfd {irqfd.kvm.name}/gsi{irqfd.gsi}/{irqfd.eventfd.name}",
+                 where, irqfd.kvm.name)
+
+
 async def irqfd_inject(work: WorkStruct) -> None:
     """virt/kvm/eventfd.c: irqfd_inject  [process: kworker]
 
@@ -156,6 +199,8 @@ async def irqfd_inject(work: WorkStruct) -> None:
     reports their correlation ids.
     """
     irqfd: KvmKernelIrqfd = work.owner
+    if irqfd.kasan_freed:
+        _irqfd_use_after_free(irqfd, "irqfd_inject")
     kvm = irqfd.kvm
     rt = kvm.rt
     ids = irqfd.pending_irqs
@@ -165,7 +210,7 @@ async def irqfd_inject(work: WorkStruct) -> None:
     rt.cur_path = "wq"
     bus = rt.bus
     if bus.on:
-        bus.emit("irqfd_inject", vm=kvm.name, gsi=irqfd.gsi, irq=ids)
+        bus.emit("irqfd_inject", vm=kvm.name, gsi=irqfd.gsi, efd=irqfd.eventfd.name, irq=ids)
     rt.cur_merged = ids[1:]  # signals merged into this one execution
     try:
         if irqfd.resampler is None:
@@ -273,9 +318,12 @@ def irqfd_wakeup(wait: WaitQueueEntry, mode: int, sync: int, key: int) -> int:
     EPOLLIN: consume the count (one callback = one injection, whatever the count), take a
     consistent snapshot of the cached route under the seqcount, and inject through the fast
     path; -EWOULDBLOCK defers to ``irqfd->inject`` (merged if already pending).  Returns 1,
-    which ends the exclusive wake-up walk.  EPOLLHUP: deactivate.  Spec §8.2.
+    which ends the exclusive wake-up walk: a second irqfd behind it on the same eventfd (in
+    another VM) is never called (bug #13).  EPOLLHUP: deactivate.  Spec §8.2, §6.4.
     """
     irqfd: KvmKernelIrqfd = wait.private
+    if irqfd.kasan_freed:
+        _irqfd_use_after_free(irqfd, "irqfd_wakeup")
     kvm = irqfd.kvm
     rt = kvm.rt
     flags = key
@@ -303,7 +351,7 @@ def irqfd_wakeup(wait: WaitQueueEntry, mode: int, sync: int, key: int) -> int:
             rt.cur_irq, rt.cur_merged = saved_irq, saved_merged
         bus = rt.bus
         if bus.on:
-            bus.emit("irqfd_wakeup", vm=kvm.name, gsi=irqfd.gsi, irq=ids, r=r)
+            bus.emit("irqfd_wakeup", vm=kvm.name, gsi=irqfd.gsi, efd=ctx.name, irq=ids, r=r)
         if r == -errno.EWOULDBLOCK:
             irqfd.pending_irqs.extend(ids)
             schedule_work(irqfd.inject)
@@ -341,26 +389,89 @@ def kvm_irq_routing_update(kvm: Kvm) -> None:
             kvm_arch_update_irqfd_routing(kvm, irqfd.producer.irq, irqfd.gsi, True)
 
 
+def irqfd_ptable_queue_proc(irqfd: KvmKernelIrqfd, wqh: WaitQueueHead) -> None:
+    """virt/kvm/eventfd.c: irqfd_ptable_queue_proc  [process: eventfd_poll's poll_wait]
+
+    The poll table's queueing procedure (container_of the poll table: the irqfd): add the
+    irqfd's entry to the eventfd's queue with priority — EXCLUSIVE | PRIORITY in v5.13, in
+    front of every other waiter but behind older priority entries.  Spec §8.5 step 7.
+    Differs from the kernel: the irqfd is bound in (functools.partial) instead of found
+    from the poll table.
+    """
+    if irqfd.kasan_freed:  # the assignment was preempted and the irqfd freed (bug #12)
+        _irqfd_use_after_free(irqfd, "irqfd_ptable_queue_proc")
+    add_wait_queue_priority(wqh, irqfd.wait)
+
+
+@dataclass(slots=True, eq=False)
+class KvmIrqfdPt:
+    """virt/kvm/eventfd.c: struct kvm_irqfd_pt (v6.17, not v5.13) — the poll table of one
+    assignment: the irqfd, its VM, and the registration's result."""
+
+    irqfd: KvmKernelIrqfd
+    kvm: Kvm
+    ret: int = 0
+
+
+def kvm_irqfd_register(p: KvmIrqfdPt, wqh: WaitQueueHead) -> None:
+    """virt/kvm/eventfd.c: kvm_irqfd_register  [process: poll_wait; takes irqfds.lock]
+
+    Not in v5.13: the ``fix-irqfd-exclusive-binding`` form (v6.17, 5f8ca05ea991,
+    86e00cd162a7, 2cdd64cbf990).  Under ``irqfds.lock``: cache the route, add the entry
+    with ``add_wait_queue_priority_exclusive`` (-EBUSY if the eventfd already has a
+    priority waiter: an irqfd of any VM), then — only if that worked — link the irqfd.
+    The old per-VM duplicate check stays behind a WARN (it cannot fire: a same-VM irqfd on
+    the eventfd is a priority waiter).  So the irqfd is on the wait queue exactly when it is
+    on the list, and a second binding fails instead of losing every signal.  Spec §8.5.
+    """
+    irqfd = p.irqfd
+    kvm = p.kvm
+    if irqfd.kasan_freed:
+        _irqfd_use_after_free(irqfd, "kvm_irqfd_register")
+    irqfd_update(kvm, irqfd)
+    p.ret = add_wait_queue_priority_exclusive(wqh, irqfd.wait)
+    if p.ret:
+        return
+    if any(tmp.eventfd is irqfd.eventfd for tmp in kvm.irqfds):
+        bus = kvm.rt.bus
+        if bus.on:  # WARN_ON_ONCE(1)
+            bus.emit("vkick_warn", what=f"kvm_irqfd_register({irqfd.eventfd.name}): a "
+                     "same-VM irqfd without a priority wait entry", vm=kvm.name)
+        p.ret = -errno.EBUSY  # (the kernel leaves the entry queued here, as vkick does)
+        return
+    kvm.irqfds.append(irqfd)  # list_add_tail
+    irqfd.active = True
+
+
 async def kvm_irqfd_assign(kvm: Kvm, eventfd: EventfdCtx, gsi: int, flags: int = 0,
                            resamplefd: EventfdCtx | None = None) -> int:
     """virt/kvm/eventfd.c: kvm_irqfd_assign  [process: VMM ioctl KVM_IRQFD]
 
-    With KVM_IRQFD_FLAG_RESAMPLE (needs the full in-kernel irqchip, else -EINVAL; no
+    Look the eventfd up (-EBADF if its fd is closed) and take a context reference.  With
+    KVM_IRQFD_FLAG_RESAMPLE (needs the full in-kernel irqchip, else -EINVAL; no
     ``resamplefd`` is -EBADF): join the GSI's resampler, creating it and registering its
-    ack notifier if it is the first, then wait for SRCU readers.  Link the irqfd (active,
-    route cached), then poll the eventfd: the poll adds the priority-exclusive wait entry
-    *before* reading the count, so a signal either runs irqfd_wakeup or is seen by the poll,
-    which then schedules ``inject`` (an eventfd signalled before assignment injects once, at
-    assignment).  -EBUSY for a second irqfd on the same eventfd (undoing the resampler
-    step).  Spec §8.5, §8.9, §16.6.
-    Differs from the kernel: the eventfds are passed as contexts, not file descriptors.
+    ack notifier if it is the first, then wait for SRCU readers.  Under ``irqfds.lock``:
+    -EBUSY for a second irqfd on the eventfd *in this VM*; enter ``irq_srcu``, cache the
+    route, link the irqfd (active).  Then poll the eventfd: the poll adds the
+    priority-exclusive wait entry *before* reading the count, so a signal either runs
+    irqfd_wakeup or is seen by the poll, which then schedules ``inject`` (an eventfd
+    signalled before assignment injects once, at assignment).  Register the irq bypass
+    consumer, leave ``irq_srcu``, and only then drop the file (so the eventfd's EPOLLHUP
+    cannot shut down a half-initialised irqfd).  Failures undo the resampler step and drop
+    the references.  Spec §8.5, §8.9, §16.6.
+    Toggles: see the module docstring (``bug-irqfd-assign-no-srcu``,
+    ``bug-irqfd-early-fdput``, ``fix-irqfd-exclusive-binding``).
+    Differs from the kernel: the eventfds are passed as contexts (each stands for its fd).
     """
     if flags & ~(KVM_IRQFD_FLAG_DEASSIGN | KVM_IRQFD_FLAG_RESAMPLE):
         return -errno.EINVAL
     if not kvm_arch_irqfd_allowed(kvm, flags):
         return -errno.EINVAL
     rt = kvm.rt
-    wait = WaitQueueEntry(irqfd_wakeup)
+    toggles = kvm.toggles
+    no_srcu = "bug-irqfd-assign-no-srcu" in toggles
+    early_fdput = "bug-irqfd-early-fdput" in toggles
+    wait = WaitQueueEntry(irqfd_wakeup)  # init_waitqueue_func_entry
     irqfd = KvmKernelIrqfd(kvm=kvm, gsi=gsi, eventfd=eventfd, wait=wait,
                            inject=WorkStruct(rt, irqfd_inject, f"irqfd_inject({eventfd.name})"),
                            shutdown=WorkStruct(rt, irqfd_shutdown,
@@ -368,10 +479,15 @@ async def kvm_irqfd_assign(kvm: Kvm, eventfd: EventfdCtx, gsi: int, flags: int =
     wait.private = irqfd
     irqfd.inject.owner = irqfd
     irqfd.shutdown.owner = irqfd
+    f = fdget(eventfd.file)
+    if f is None:
+        return -errno.EBADF  # (out: kfree of an irqfd nothing refers to)
+    eventfd_ctx_fileget(eventfd)
     if flags & KVM_IRQFD_FLAG_RESAMPLE:
-        if resamplefd is None:
-            return -errno.EBADF
-        irqfd.resamplefd = eventfd_ctx_fileget(resamplefd)  # eventfd_ctx_fdget
+        r = -errno.EBADF if resamplefd is None else eventfd_ctx_fdget(resamplefd)
+        if isinstance(r, int):
+            return await _irqfd_assign_fail(irqfd, f, r)
+        irqfd.resamplefd = r
         async with _resampler_lock(kvm):
             for resampler in kvm.resampler_list:
                 if resampler.notifier.gsi == irqfd.gsi:
@@ -386,36 +502,57 @@ async def kvm_irqfd_assign(kvm: Kvm, eventfd: EventfdCtx, gsi: int, flags: int =
                 irqfd.resampler = resampler
             irqfd.resampler.list.insert(0, irqfd)  # list_add_rcu
             await synchronize_srcu(kvm.irq_srcu)
-    # irqfds.lock
-    if any(other.eventfd is eventfd for other in kvm.irqfds):
-        # fail: undo the resampler step, drop the resamplefd reference.
-        if irqfd.resampler is not None:
-            await irqfd_resampler_shutdown(irqfd)
-        if irqfd.resamplefd is not None:
-            eventfd_ctx_put(irqfd.resamplefd)
-        return -errno.EBUSY
-    idx = srcu_read_lock(kvm.irq_srcu)
-    irqfd_update(kvm, irqfd)
-    kvm.irqfds.append(irqfd)
-    irqfd.active = True
-    # irqfds.lock released.  Window W-IRQFD-assign: the irqfd is active but not yet on the
-    # eventfd's wait queue; a signal here is not seen by irqfd_wakeup but is counted, and
-    # the poll below sees it (bug #12 reaches a use-after-free through this window).
-    await rt.preempt("W-IRQFD-assign")
-
-    def irqfd_ptable_queue_proc(wqh: WaitQueueHead) -> None:
-        add_wait_queue_priority(wqh, wait)
-
-    events = eventfd_poll(eventfd, irqfd_ptable_queue_proc)
+    if "fix-irqfd-exclusive-binding" in toggles:
+        # v6.17: enter irq_srcu, then register through the poll callback — route, wait
+        # entry and list under irqfds.lock, -EBUSY if the eventfd has a priority waiter.
+        idx = srcu_read_lock(kvm.irq_srcu)
+        pt = KvmIrqfdPt(irqfd, kvm)
+        events = eventfd_poll(eventfd, functools.partial(kvm_irqfd_register, pt))
+        if no_srcu:  # bug #12a's form: the read section ends with the route copy
+            srcu_read_unlock(kvm.irq_srcu, idx)
+        if pt.ret:
+            if not no_srcu:
+                srcu_read_unlock(kvm.irq_srcu, idx)  # fail_poll
+            return await _irqfd_assign_fail(irqfd, f, pt.ret)
+    else:
+        # irqfds.lock
+        if any(other.eventfd is eventfd for other in kvm.irqfds):
+            return await _irqfd_assign_fail(irqfd, f, -errno.EBUSY)
+        idx = srcu_read_lock(kvm.irq_srcu)
+        irqfd_update(kvm, irqfd)
+        if no_srcu:
+            # Bug #12a (before Lan Tianyu's fix): SRCU covers only the route copy, so
+            # irqfd_shutdown has nothing to wait for.
+            srcu_read_unlock(kvm.irq_srcu, idx)
+        kvm.irqfds.append(irqfd)  # list_add_tail
+        irqfd.active = True
+        # irqfds.lock released.  Window W-IRQFD-assign: between linking the irqfd (active)
+        # and the poll that adds its wait entry.  Another thread's KVM_IRQFD(DEASSIGN) may
+        # find it here and queue its shutdown; a signal is counted but not seen by
+        # irqfd_wakeup, and the poll below sees it.  v5.13's irq_srcu read section makes
+        # the shutdown wait for this assignment; bug #12a frees the irqfd here.
+        await rt.preempt("W-IRQFD-assign")
+        events = eventfd_poll(eventfd, functools.partial(irqfd_ptable_queue_proc, irqfd))
     bus = rt.bus
     if bus.on:
         bus.emit("irqfd_assign", vm=kvm.name, gsi=gsi, efd=eventfd.name,
                  pending=bool(events & EPOLLIN), resample=irqfd.resampler is not None)
     if events & EPOLLIN:
         # The count is not drained here; the signals' ids move to the injection.
+        if irqfd.kasan_freed:
+            _irqfd_use_after_free(irqfd, "kvm_irqfd_assign")
         irqfd.pending_irqs.extend(eventfd.irqs)
         eventfd.irqs = []
         schedule_work(irqfd.inject)
+    if early_fdput:
+        # Bug #12b's position (before the 2018 fix): the file is dropped once polled.
+        fdput(f)
+    # Window W-IRQFD-bypass: between the poll (the irqfd now receives signals) and the
+    # irq bypass consumer's registration.  Another thread may close the eventfd here (with
+    # the file still pinned by this ioctl, nothing happens until the fdput below) or
+    # deassign the irqfd (its shutdown waits for irq_srcu).  With bugs #12a/#12b the irqfd
+    # is freed here and the registration below writes to freed memory.
+    await rt.preempt("W-IRQFD-bypass")
     from vkick.kvm.x86 import (  # noqa: PLC0415
         kvm_arch_has_irq_bypass,
         kvm_arch_irq_bypass_add_producer,
@@ -423,13 +560,34 @@ async def kvm_irqfd_assign(kvm: Kvm, eventfd: EventfdCtx, gsi: int, flags: int =
     )
 
     if kvm_arch_has_irq_bypass():
+        if irqfd.kasan_freed:
+            _irqfd_use_after_free(irqfd, "kvm_irqfd_assign")
         irqfd.consumer = IrqBypassConsumer(token=eventfd,
                                            add_producer=kvm_arch_irq_bypass_add_producer,
                                            del_producer=kvm_arch_irq_bypass_del_producer,
-                                           owner=irqfd)
-        irq_bypass_register_consumer(rt, irqfd.consumer)
-    srcu_read_unlock(kvm.irq_srcu, idx)
+                                           owner=irqfd, kasan_freed=irqfd.kasan_freed)
+        irq_bypass_register_consumer(rt, irqfd.consumer)  # a failure is only pr_info'd
+    if not no_srcu:
+        srcu_read_unlock(kvm.irq_srcu, idx)
+    if not early_fdput:
+        # "do not drop the file until the irqfd is fully initialized, otherwise we might
+        # race against the EPOLLHUP": the last reference (a concurrent close) releases the
+        # eventfd here, after the irqfd is complete.
+        fdput(f)
     return 0
+
+
+async def _irqfd_assign_fail(irqfd: KvmKernelIrqfd, f: File, ret: int) -> int:
+    """kvm_irqfd_assign's ``fail:`` path: leave the resampler, drop the resamplefd, the
+    eventfd and the file references, free the irqfd."""
+    if irqfd.resampler is not None:
+        await irqfd_resampler_shutdown(irqfd)
+    if irqfd.resamplefd is not None:
+        eventfd_ctx_put(irqfd.resamplefd)
+    eventfd_ctx_put(irqfd.eventfd)
+    fdput(f)
+    kfree(irqfd, irqfd.consumer)
+    return ret
 
 
 def irqfd_deactivate(irqfd: KvmKernelIrqfd) -> None:
@@ -443,40 +601,59 @@ def irqfd_deactivate(irqfd: KvmKernelIrqfd) -> None:
 async def irqfd_shutdown(work: WorkStruct) -> None:
     """virt/kvm/eventfd.c: irqfd_shutdown  [process: kworker of kvm-irqfd-cleanup]
 
-    SRCU sync (in-flight irqfd_wakeup and assign), unhook atomically w.r.t. signals
-    (discarding any count), then flush a slow-path injection queued before the unhook, and
-    only then leave the resampler (so that injection cannot re-assert a line the last
-    resampler has de-asserted) and drop the resamplefd.  After this nothing can inject
-    through the irqfd and its resamplefd is never signalled (spec §8.8, §16.8).
+    SRCU sync (an assignment still setting the irqfd up, in-flight irqfd_wakeup), unhook
+    atomically w.r.t. signals (discarding any count), then flush a slow-path injection
+    queued before the unhook, and only then leave the resampler (so that injection cannot
+    re-assert a line the last resampler has de-asserted) and drop the resamplefd;
+    unregister the bypass consumer, drop the eventfd, free the irqfd.  After this nothing
+    can inject through the irqfd and its resamplefd is never signalled (spec §8.8, §16.8).
+    On a semaphore eventfd the unhook's read underflows the count in v5.13 (bug #14).
+    Toggle ``bug-irqfd-assign-no-srcu``: no ``synchronize_srcu`` (bug #12a).
     """
     irqfd: KvmKernelIrqfd = work.owner
-    await synchronize_srcu(irqfd.kvm.irq_srcu)
+    kvm = irqfd.kvm
+    if "bug-irqfd-assign-no-srcu" not in kvm.toggles:
+        # "Make sure irqfd has been initialized in assign path."
+        await synchronize_srcu(kvm.irq_srcu)
     eventfd_ctx_remove_wait_queue(irqfd.eventfd, irqfd.wait)
+    bus = kvm.rt.bus
+    if bus.on:
+        bus.emit("irqfd_shutdown", vm=kvm.name, gsi=irqfd.gsi, efd=irqfd.eventfd.name)
     await flush_work(irqfd.inject)
     if irqfd.resampler is not None:
         await irqfd_resampler_shutdown(irqfd)
         assert irqfd.resamplefd is not None
         eventfd_ctx_put(irqfd.resamplefd)
-    irq_bypass_unregister_consumer(irqfd.kvm.rt, irqfd.consumer)
+    irq_bypass_unregister_consumer(kvm.rt, irqfd.consumer)
+    eventfd_ctx_put(irqfd.eventfd)
+    kfree(irqfd, irqfd.consumer)  # the consumer is embedded in the irqfd
 
 
 async def kvm_irqfd_deassign(kvm: Kvm, eventfd: EventfdCtx, gsi: int) -> int:
     """virt/kvm/eventfd.c: kvm_irqfd_deassign  [process: VMM ioctl]
 
-    Clear the cached route (signals in the window take the slow path, which reads the
-    current routing) and deactivate, then wait for every queued shutdown: when this
-    returns, the irqfd delivers nothing more.  Returns 0 even if nothing matched.
+    Look the eventfd up (-EBADF if its fd is closed).  For each irqfd on it with this GSI:
+    clear the cached route (signals in the window take the slow path, which reads the
+    current routing) and deactivate; then drop the reference and wait for every queued
+    shutdown: when this returns, the irqfd delivers nothing more.  Returns 0 even if
+    nothing matched.  Spec §8.8.
+    Differs from the kernel: the context stands for its fd.
     """
+    r = eventfd_ctx_fdget(eventfd)
+    if isinstance(r, int):
+        return r
+    # irqfds.lock
     for irqfd in list(kvm.irqfds):
         if irqfd.eventfd is eventfd and irqfd.gsi == gsi:
             write_seqcount_begin(irqfd.irq_entry_sc)
             irqfd.irq_entry = KvmKernelIrqRoutingEntry(gsi=gsi)
             write_seqcount_end(irqfd.irq_entry_sc)
             irqfd_deactivate(irqfd)
+    eventfd_ctx_put(eventfd)
+    await flush_workqueue(_cleanup_wq(kvm))
     bus = kvm.rt.bus
     if bus.on:
         bus.emit("irqfd_deassign", vm=kvm.name, gsi=gsi, efd=eventfd.name)
-    await flush_workqueue(_cleanup_wq(kvm))
     return 0
 
 

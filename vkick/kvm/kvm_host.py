@@ -158,6 +158,10 @@ KNOWN_TOGGLES: Final = frozenset({
     "check-requests-before-guest-mode",  # x86.py: vcpu_enter_guest (spec §16.2)
     "fix-eoi-exitmap-uninitialized",  # x86.py: vcpu_load_eoi_exitmap (v5.13 bug)
     "fix-resample-on-unmask",  # ioapic.py: ioapic_write_indirect (changed after v5.13)
+    "bug-irqfd-assign-no-srcu",  # eventfd.py: kvm_irqfd_assign, irqfd_shutdown (bug #12a)
+    "bug-irqfd-early-fdput",  # eventfd.py: kvm_irqfd_assign (bug #12b)
+    "fix-irqfd-exclusive-binding",  # eventfd.py: kvm_irqfd_register (bug #13, v6.17)
+    "fix-efd-semaphore-underflow",  # kernel/eventfd.py: eventfd_ctx_do_read (bug #14, v6.6)
 })
 KVM_HALT_POLL_NS_DEFAULT: Final = 200_000
 

@@ -3,9 +3,18 @@
 Checks, online or on a log:
 
 * §17.1 no lost interrupt: every source is delivered (``vkick_irq`` with
-  ``delivered: false`` is a violation) and within ``stall_ns`` of its signal;
+  ``delivered: false`` is a violation) and within ``stall_ns`` of its signal — except a
+  signal of an eventfd whose irqfds were all shut down (``irqfd_shutdown``) and that is not
+  bound again afterwards: §17.1 asks for delivery only with an irqfd attached;
 * §17.2 no spurious delivery: every ``vkick_guest_irq`` satisfies at least one source;
-* §17.15 nothing is injected through an irqfd after its ``KVM_IRQFD`` deassign returned;
+* §17.1 also for an eventfd shared by irqfds of several VMs (research/bugs.md #13): a
+  signal is owed to *every* VM with an irqfd attached to the eventfd at that moment, and
+  each must take it (``eventfd_signal`` … ``vkick_guest_irq`` of that VM) within
+  ``stall_ns`` (or by the end);
+* §17.15 nothing is injected through an irqfd (``irqfd_wakeup``, ``irqfd_inject``) after
+  its ``KVM_IRQFD`` deassign returned;
+* memory safety: no freed object is touched (``vkick_use_after_free``, bug #12), and the
+  eventfd counter never wraps below 0 (``vkick_eventfd_underflow``, bug #14);
 * §17.17 no stalled receive queue: used RX buffers the device published (``handle_rx``)
   are taken by the guest (``virtnet_poll``) within ``stall_ns``, and none is left untaken
   when the run ends quiescent (the lost-notification hang of spec §16.9).
@@ -46,7 +55,17 @@ class InvariantChecker:
         self.stall_ns = stall_ns
         self.violations: list[Violation] = []
         self._trace: dict[int, list[dict[str, Any]]] = {}
-        self._deassigned: set[int] = set()
+        self._deassigned: set[tuple[str, int, str]] = set()  # (vm, gsi, efd)
+        # Bug #13: the VMs with an irqfd hooked on each eventfd, in assignment order, and
+        # the signals of a shared eventfd still owed to a VM: (vm, irq) → (t, efd, the
+        # other VMs attached then).
+        self._attached: dict[str, list[str]] = {}
+        self._owed: dict[tuple[str, int], tuple[int, str, str]] = {}
+        self._reported: set[tuple[str, str]] = set()  # use-after-free (what, where) seen
+        # Signals of an eventfd seen bound before but with no irqfd attached now: owed only
+        # if an irqfd binds it again (then its poll injects them).
+        self._unbound: dict[str, list[int]] = {}
+        self._unbound_ids: set[int] = set()
         # §17.17: per RX queue ("vm/dev/vq"): used->idx published, the guest's last_used_idx,
         # and since when published buffers wait untaken.
         self._published: dict[str, int] = {}
@@ -69,15 +88,50 @@ class InvariantChecker:
         ev = rec["ev"]
         if ev == "vkick_irq":
             self._lifecycle(rec)
-        elif ev == "vkick_guest_irq" and not rec["irq"]:
-            self.violations.append(Violation(
-                "17.2 no spurious delivery",
-                f"{rec['vm']} vcpu {rec['vcpu']} took {rec['vector']:#x} at t={rec['t']} ns "
-                f"with no pending source", 0, [dict(rec)]))
+        elif ev == "vkick_guest_irq":
+            if not rec["irq"]:
+                self.violations.append(Violation(
+                    "17.2 no spurious delivery",
+                    f"{rec['vm']} vcpu {rec['vcpu']} took {rec['vector']:#x} at t={rec['t']}"
+                    f" ns with no pending source", 0, [dict(rec)]))
+            elif self._owed:
+                vm = rec["vm"]
+                for i in rec["irq"]:
+                    self._owed.pop((vm, i), None)
+        elif ev == "eventfd_signal":
+            vms = self._attached.get(rec["efd"])
+            if vms is not None:
+                if len(vms) > 1:
+                    self._shared_signal(rec, vms)
+                elif not vms and rec["irq"]:
+                    self._unbound.setdefault(rec["efd"], []).append(rec["irq"])
+                    self._unbound_ids.add(rec["irq"])
         elif ev == "irqfd_deassign":
-            self._deassigned.add(rec["gsi"])
+            self._deassigned.add((rec["vm"], rec["gsi"], rec["efd"]))
         elif ev == "irqfd_assign":
-            self._deassigned.discard(rec["gsi"])
+            self._deassigned.discard((rec["vm"], rec["gsi"], rec["efd"]))
+            vms = self._attached.setdefault(rec["efd"], [])
+            if rec["vm"] not in vms:
+                vms.append(rec["vm"])
+            for i in self._unbound.pop(rec["efd"], ()):  # pending at assignment: owed now
+                self._unbound_ids.discard(i)
+        elif ev == "irqfd_shutdown":
+            vms = self._attached.get(rec["efd"])
+            if vms is not None and rec["vm"] in vms:
+                vms.remove(rec["vm"])
+        elif ev == "vkick_use_after_free":
+            site = (rec["what"], rec["where"])
+            if site not in self._reported:  # one violation per object and access site
+                self._reported.add(site)
+                self.violations.append(Violation(
+                    "memory safety: no use after free",
+                    f"{rec['where']} touched freed {rec['what']} at t={rec['t']} ns", 0,
+                    [dict(rec)]))
+        elif ev == "vkick_eventfd_underflow":
+            self.violations.append(Violation(
+                "eventfd count never underflows",
+                f"{rec['efd']}: a semaphore read of {rec['cnt']} at count 0 wrapped the "
+                f"counter to {rec['count']:#x} at t={rec['t']} ns", 0, [dict(rec)]))
         elif ev == "handle_rx":
             key = f"{rec['vm']}/{rec['dev']}/{rec['vq']}"
             self._published[key] = rec["used_idx"]
@@ -97,12 +151,47 @@ class InvariantChecker:
                 if rec["quiescent"] or rec["t"] - since > self.stall_ns:
                     self._stall(key, since, rec["t"], rec, hung=rec["quiescent"])
             self._waiting_since.clear()
-        elif ev == "irqfd_wakeup" and rec["gsi"] in self._deassigned and rec["r"] >= 0:
+            self.finish(rec["t"])
+        elif ev in ("irqfd_wakeup", "irqfd_inject") and self._deassigned and (
+                rec["vm"], rec["gsi"], rec["efd"]) in self._deassigned and rec.get("r", 0) >= 0:
             ids = rec["irq"] or [0]
             self.violations.append(Violation(
                 "17.15 no delivery after deassign",
-                f"irqfd for GSI {rec['gsi']} injected at t={rec['t']} ns after its deassign",
+                f"{rec['vm']}'s irqfd for GSI {rec['gsi']} on {rec['efd']} injected "
+                f"({ev}) at t={rec['t']} ns after its deassign",
                 ids[0], self._trace.get(ids[0], [dict(rec)])))
+
+    def finish(self, t: int) -> None:
+        """The run ended at ``t``: every signal of a shared eventfd still owed to a VM was
+        lost for it (called on ``vkick_run_end``; call it directly when no host runs)."""
+        self._expire_owed(t, everything=True)
+
+    def _shared_signal(self, rec: EventRecord, vms: list[str]) -> None:
+        """A signal on an eventfd with irqfds of several VMs: owed to each (bug #13)."""
+        t = rec["t"]
+        self._expire_owed(t, everything=False)
+        irq = rec["irq"]
+        if irq:
+            for vm in vms:
+                peers = ", ".join(v for v in vms if v != vm)
+                self._owed[(vm, irq)] = (t, rec["efd"], peers)
+
+    def _expire_owed(self, t: int, *, everything: bool) -> None:
+        """Report (one violation per VM and eventfd) and forget the owed signals older than
+        ``stall_ns`` — or all of them at the end."""
+        stale: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
+        for (vm, irq), (since, efd, peers) in self._owed.items():
+            if everything or t - since > self.stall_ns:
+                stale.setdefault((vm, efd), []).append((irq, since, peers))
+        for (vm, efd), lost in stale.items():
+            for irq, _, _ in lost:
+                del self._owed[(vm, irq)]
+            first_irq, first_t, peers = lost[0]
+            self.violations.append(Violation(
+                "17.1 no lost interrupt (shared eventfd)",
+                f"{len(lost)} signal(s) of {efd} from t={first_t} ns on, while {vm}'s irqfd "
+                f"was attached to it (shared with {peers}), never reached {vm}", first_irq,
+                list(self._trace.get(first_irq, []))))
 
     def _check_stall(self, key: str, t: int, rec: EventRecord) -> None:
         since = self._waiting_since.get(key)
@@ -122,6 +211,9 @@ class InvariantChecker:
     def _lifecycle(self, rec: EventRecord) -> None:
         irq = rec["irq"]
         if not rec["delivered"]:
+            if irq in self._unbound_ids:  # no irqfd was attached to its eventfd
+                self._trace.pop(irq, None)
+                return
             self.violations.append(Violation(
                 "17.1 no lost interrupt",
                 f"{rec['source']} at t={rec['t_signal']} ns was never delivered", irq,

@@ -41,6 +41,7 @@ VECTOR = ("vector", "int", "interrupt vector")
 GSI = ("gsi", "int", "global system interrupt (routing table index)")
 IRQ = ("irq", "int", "interrupt correlation id (0 = none)")
 IRQS = ("irq", "list[int]", "correlation ids of every signal this step satisfies")
+EFD = ("efd", "str", "eventfd name")
 
 EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in (
     _ev("vhost_signal", "info", "drivers/vhost/vhost.c vhost_signal (signalled false: "
@@ -76,10 +77,13 @@ EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in (
     _ev("eventfd_signal", "debug", "fs/eventfd.c eventfd_signal added n to the counter",
         ("efd", "str", "eventfd name"), ("n", "int", "amount added (capped)"),
         ("count", "int", "counter after the add"), IRQ),
+    _ev("eventfd_release", "debug", "fs/eventfd.c eventfd_release: the eventfd's last file "
+        "reference went (close); its queue is woken with EPOLLHUP", EFD),
     _ev("irqfd_wakeup", "debug", "virt/kvm/eventfd.c irqfd_wakeup ran for EPOLLIN", VM, GSI,
-        IRQS, ("r", "int", "kvm_arch_set_irq_inatomic result (-11 = EWOULDBLOCK → slow path)")),
+        EFD, IRQS,
+        ("r", "int", "kvm_arch_set_irq_inatomic result (-11 = EWOULDBLOCK → slow path)")),
     _ev("irqfd_inject", "debug", "the workqueue slow path injects (merged signals once)", VM,
-        GSI, IRQS),
+        GSI, EFD, IRQS),
     _ev("irqfd_assign", "info", "KVM_IRQFD assign", VM, GSI, ("efd", "str", "eventfd name"),
         ("pending", "bool", "the eventfd was already signalled: injected at assignment"),
         ("resample", "bool", "KVM_IRQFD_FLAG_RESAMPLE: a level-triggered irqfd with a "
@@ -92,6 +96,16 @@ EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in (
         "delivering", VM, GSI, ("n", "int", "resamplefds signalled")),
     _ev("irqfd_deassign", "info", "KVM_IRQFD deassign returned", VM, GSI,
         ("efd", "str", "eventfd name")),
+    _ev("irqfd_shutdown", "info", "virt/kvm/eventfd.c irqfd_shutdown unhooked the irqfd from "
+        "its eventfd (deassign, EPOLLHUP or VM teardown); it is freed once its pending "
+        "injection is flushed", VM, GSI, EFD),
+    _ev("vkick_use_after_free", "info", "KASAN-like report (vkick/kernel/kasan.py): a freed "
+        "object was touched — research/bugs.md #12", ("vm", "str", "its VM (\"\": none)"),
+        ("what", "str", "the freed object"), ("where", "str", "the function touching it")),
+    _ev("vkick_eventfd_underflow", "info", "fs/eventfd.c eventfd_ctx_do_read took 1 from a "
+        "semaphore eventfd at count 0: the counter wrapped (the v5.13 underflow, "
+        "research/bugs.md #14)", EFD, ("cnt", "int", "amount read (1)"),
+        ("count", "int", "the counter afterwards (ULLONG_MAX)")),
     _ev("kvm_set_irq", "debug", "virt/kvm/irqchip.c kvm_set_irq", VM, GSI,
         ("level", "int", "line level"), ("irq_source_id", "int", "source id"), IRQ),
     _ev("kvm_ioapic_set_irq", "debug", "arch/x86/kvm/ioapic.c ioapic_set_irq: a pin's line "

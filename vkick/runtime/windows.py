@@ -24,7 +24,8 @@ Window = Literal[
     "W-VQ-notify",  # used idx published + barrier ↔ used_event read
     "W-VQ-enable",  # vhost_enable_notify write ↔ avail idx re-read
     "W-GUEST-enable-cb",  # guest writes used_event ↔ re-reads used->idx (bug #15)
-    "W-IRQFD-assign",  # irqfd linked ↔ poll entry added (bug #12)
+    "W-IRQFD-assign",  # irqfd linked ↔ poll entry added (bug #12a)
+    "W-IRQFD-bypass",  # eventfd polled ↔ irq bypass consumer registered (bugs #12a, #12b)
     "W-MAP-recalc",  # APIC map sized ↔ filled, and between APICs read (bugs #10, #11)
     "W-VCPU-create",  # LAPIC reset + map recalculated ↔ vCPU visible in kvm->vcpus (#11)
     "W-EFD-poll",  # wait entry added ↔ count read (eventfd_poll)

@@ -97,8 +97,11 @@ class EmulatedHost:
                 for qp in dev.queues]
 
 
-def _eventfd(rt: Runtime, name: str) -> EventfdCtx:
-    ctx = eventfd_ctx_create(rt, name=name)
+def _eventfd(rt: Runtime, name: str, toggles: frozenset[str]) -> EventfdCtx:
+    """An eventfd the VMM creates for a VM: the host kernel's fs/eventfd.c is the one the
+    VM's toggles describe (``fix-efd-semaphore-underflow``, bug #14)."""
+    ctx = eventfd_ctx_create(rt, name=name, fix_semaphore_underflow=(
+        "fix-efd-semaphore-underflow" in toggles))
     assert isinstance(ctx, EventfdCtx)
     return ctx
 
@@ -212,8 +215,9 @@ async def _build_queue_pair(rt: Runtime, vm: Vm, dev: NetDevice, net_index: int,
     features = ((1 << VIRTIO_RING_F_EVENT_IDX) if net_cfg.event_idx else 0) | (
         (1 << VIRTIO_F_NOTIFY_ON_EMPTY) if net_cfg.notify_on_empty else 0)
     rings = (Vring(net_cfg.ring_size), Vring(net_cfg.ring_size))
-    calls = (_eventfd(rt, f"{prefix}/rx{q}"), _eventfd(rt, f"{prefix}/tx{q}"))
-    kicks = (_eventfd(rt, f"{prefix}/rx{q}.kick"), _eventfd(rt, f"{prefix}/tx{q}.kick"))
+    tg = kvm.toggles
+    calls = (_eventfd(rt, f"{prefix}/rx{q}", tg), _eventfd(rt, f"{prefix}/tx{q}", tg))
+    kicks = (_eventfd(rt, f"{prefix}/rx{q}.kick", tg), _eventfd(rt, f"{prefix}/tx{q}.kick", tg))
     for i in range(2):
         await kvm_irqfd_assign(kvm, calls[i], gsi + i)
     doorbells = []

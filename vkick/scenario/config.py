@@ -40,6 +40,14 @@ KNOWN_TOGGLES: dict[str, str] = {
     "irqs-on-across-entry": "x86.py: IRQs enabled across VM entry (bug #1, race A)",
     "check-requests-before-guest-mode": "x86.py: requests checked before IN_GUEST_MODE (§16.2)",
     "vhost-notify-no-barrier": "vhost.py: no smp_mb in vhost_notify (§16.9, test only)",
+    "bug-irqfd-assign-no-srcu": "kvm/eventfd.py: no irq_srcu across kvm_irqfd_assign, no "
+                                "synchronize_srcu in irqfd_shutdown (bug #12a)",
+    "bug-irqfd-early-fdput": "kvm/eventfd.py: the eventfd's file dropped right after the poll "
+                             "(bug #12b; frees early only with bug-irqfd-assign-no-srcu)",
+    "fix-irqfd-exclusive-binding": "kvm/eventfd.py: the v6.17 fix of bug #13 (a second irqfd "
+                                   "on an eventfd, in any VM, fails with -EBUSY)",
+    "fix-efd-semaphore-underflow": "kernel/eventfd.py: the v6.6 fix of bug #14, on the "
+                                   "eventfds built for the VM",
 }
 
 

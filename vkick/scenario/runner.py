@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from vkick.guest.cpu import GuestCpu
-from vkick.hw.cpu import HostCosts, create_host
+from vkick.hw.cpu import HostCosts, HwHost, create_host
 from vkick.kernel.eventfd import EventfdCtx, eventfd_ctx_create, eventfd_signal
 from vkick.kvm.eventfd import KVM_IRQFD_FLAG_RESAMPLE, kvm_irqfd_assign, kvm_irqfd_deassign
 from vkick.kvm.ioapic import (
@@ -74,8 +74,12 @@ SCENARIO_COSTS = HostCosts(vmentry_ns=100, vmexit_ns=100, ipi_latency_ns=50, wak
 
 async def build_vm(rt: Runtime, *, nr_vcpus: int, apicv: bool, x2apic: bool,
                    eoi_auto: bool, name: str = "vm0", handler_ns: int = 0,
-                   toggles: frozenset[str] = frozenset(), irqchip: str = "split") -> Kvm:
+                   toggles: frozenset[str] = frozenset(), irqchip: str = "split",
+                   host: HwHost | None = None, first_cpu: int = 0) -> Kvm:
     """A VM with ``nr_vcpus`` vCPUs, each pinned to its own physical CPU, guests idle.
+
+    ``host``: build on that host (several VMs on one machine), vCPU ``i`` on CPU
+    ``first_cpu + i``; by default a new host with one CPU per vCPU.
 
     The VMM side, as QEMU restores a booted guest: KVM_CREATE_VCPU for each vCPU, then per
     vCPU the APIC base (x2APIC mode: KVM_SET_SREGS), the LAPIC of FORMAT.md "Initial state"
@@ -83,7 +87,8 @@ async def build_vm(rt: Runtime, *, nr_vcpus: int, apicv: bool, x2apic: bool,
     ``irqchip = "kernel"``: KVM_CREATE_IRQCHIP before the vCPUs, and the IOAPIC's MMIO
     window on the VM's bus (the guest's ``mmio`` writes there reach ioapic_mmio_write).
     """
-    host = create_host(rt, nr_vcpus, SCENARIO_COSTS)
+    if host is None:
+        host = create_host(rt, first_cpu + nr_vcpus, SCENARIO_COSTS)
     kvm = kvm_create_vm(rt, name, apicv=apicv, host=host, toggles=toggles)
     if irqchip == "kernel":
         r = kvm_arch_vm_ioctl_create_irqchip(kvm)
@@ -92,7 +97,7 @@ async def build_vm(rt: Runtime, *, nr_vcpus: int, apicv: bool, x2apic: bool,
         kvm.io_bus = (lambda vcpu, addr, val:
                       ioapic_mmio_write(vcpu, ioapic, addr, 4, val))
     for i in range(nr_vcpus):
-        await kvm_vm_ioctl_create_vcpu(kvm, i, cpu=i)
+        await kvm_vm_ioctl_create_vcpu(kvm, i, cpu=first_cpu + i)
     for vcpu in kvm.vcpus:
         await restore_booted_vcpu(vcpu, x2apic=x2apic)
         vcpu.halt_poll_ns = 0
@@ -197,7 +202,8 @@ async def _run(rt: Runtime, sc: Any, apicv: bool) -> Outcome:
     resamplefds: dict[str, EventfdCtx] = {}
     irqfd_flags: dict[str, int] = {}
     for fd in sc.irqfds:
-        ctx = eventfd_ctx_create(rt, name=fd.name)
+        ctx = eventfd_ctx_create(rt, name=fd.name, fix_semaphore_underflow=(
+            "fix-efd-semaphore-underflow" in kvm.toggles))
         assert isinstance(ctx, EventfdCtx)
         efds[fd.name] = (ctx, fd.gsi)
         irqfd_flags[fd.name] = 0
