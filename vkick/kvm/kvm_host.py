@@ -65,6 +65,21 @@ KVM_REQ_IOAPIC_EOI_EXIT: Final = 8 + 19
 KVM_REQ_LOAD_EOI_EXITMAP: Final = 8 + 23
 KVM_REQ_APICV_UPDATE: Final = (8 + 25) | KVM_REQUEST_WAIT | KVM_REQUEST_NO_WAKEUP
 
+# Why APICv is inhibited (arch/x86/include/asm/kvm_host.h, v5.13): bits of
+# kvm->arch.apicv_inhibit_reasons.  VMX honours only DISABLE and HYPERV
+# (vmx_check_apicv_inhibit_reasons); the others are SVM/AVIC reasons.
+APICV_INHIBIT_REASON_DISABLE: Final = 0  # enable_apicv off (set at VM creation)
+APICV_INHIBIT_REASON_HYPERV: Final = 1  # Hyper-V SynIC activated (kvm_hv_activate_synic)
+APICV_INHIBIT_REASON_NESTED: Final = 2
+APICV_INHIBIT_REASON_IRQWIN: Final = 3
+APICV_INHIBIT_REASON_PIT_REINJ: Final = 4
+APICV_INHIBIT_REASON_X2APIC: Final = 5
+
+# KVM_ENABLE_CAP capabilities on this path (include/uapi/linux/kvm.h).
+KVM_CAP_HYPERV_SYNIC: Final = 123
+KVM_CAP_HYPERV_SYNIC2: Final = 148
+KVM_ENABLE_CAP: Final = 0x4068AEA3  # _IOW(KVMIO, 0xa3, struct kvm_enable_cap)
+
 # Host vectors (arch/x86/include/asm/irq_vectors.h).
 POSTED_INTR_VECTOR: Final = 0xF2
 POSTED_INTR_WAKEUP_VECTOR: Final = 0xF1
@@ -158,6 +173,14 @@ KNOWN_TOGGLES: Final = frozenset({
     "check-requests-before-guest-mode",  # x86.py: vcpu_enter_guest (spec §16.2)
     "fix-eoi-exitmap-uninitialized",  # x86.py: vcpu_load_eoi_exitmap (v5.13 bug)
     "fix-resample-on-unmask",  # ioapic.py: ioapic_write_indirect (changed after v5.13)
+    # APICv inhibit / re-activation at run time (research/bugs.md #7-#9 and companions);
+    # each is the v5.13 behaviour, the toggle applies the later fix.
+    "fix-no-pir-sync-when-apicv-inhibited",  # x86.py, lapic.py, vmx.py (bug #7)
+    "fix-irr-pending-scan-on-deactivate",  # lapic.py: kvm_apic_update_apicv (bug #8a)
+    "fix-isr-cache-not-purged",  # lapic.py: kvm_apic_update_apicv (bug #9)
+    "fix-apicv-disable-req-event",  # x86.py: kvm_vcpu_update_apicv (5.14)
+    "fix-svi-on-apicv-activation",  # x86.py: kvm_vcpu_update_apicv (6.19)
+    "fix-vtd-pi-stable-condition",  # vmx/posted_intr.py (53b7ca1a3593)
 })
 KVM_HALT_POLL_NS_DEFAULT: Final = 200_000
 
@@ -278,6 +301,13 @@ class KvmVcpuArch:
     # VMCS GUEST_INTR_STATUS.
     rvi: int = 0
     svi: int = 0
+    # VMCS execution controls vmx_refresh_apicv_exec_ctrl sets from apicv_active (the
+    # hardware model obeys these, not apicv_active): pin-based "process posted interrupts",
+    # and secondary "virtual-interrupt delivery" with "APIC-register virtualization" (and
+    # the x2APIC MSR pass-through of TPR/EOI/SELF_IPI in the MSR bitmap).
+    pin_posted_intr: bool = False
+    virtual_intr_delivery: bool = False
+    hv_synic_active: bool = False  # to_hv_synic(vcpu)->active (KVM_CAP_HYPERV_SYNIC)
     eoi_exit_bitmap: int = 0  # 256-bit, VMCS EOI_EXIT_BITMAP0..3
     # Vectors whose EOI must reach the IOAPIC (level-triggered pins, pins with ack
     # notifiers, RTC): rebuilt by vcpu_scan_ioapic, loaded into eoi_exit_bitmap.
@@ -336,6 +366,7 @@ class KvmArch:
     # (x86.kvm_arch_vm_ioctl_create_irqchip) makes it KVM_IRQCHIP_KERNEL with an IOAPIC.
     irqchip_mode: int = KVM_IRQCHIP_SPLIT
     nr_reserved_ioapic_pins: int = 0  # KVM_CAP_SPLIT_IRQCHIP's argument
+    apicv_inhibit_reasons: int = 0  # APICV_INHIBIT_REASON_* bits (kvm_apicv_init, updates)
     vioapic: Any = None  # ioapic.KvmIoapic | None (kvm->arch.vioapic)
 
 

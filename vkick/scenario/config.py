@@ -40,6 +40,17 @@ KNOWN_TOGGLES: dict[str, str] = {
     "irqs-on-across-entry": "x86.py: IRQs enabled across VM entry (bug #1, race A)",
     "check-requests-before-guest-mode": "x86.py: requests checked before IN_GUEST_MODE (§16.2)",
     "vhost-notify-no-barrier": "vhost.py: no smp_mb in vhost_notify (§16.9, test only)",
+    "fix-no-pir-sync-when-apicv-inhibited": "x86.py, lapic.py, vmx.py: sync PIR even "
+    "with APICv inhibited (bug #7: 37c4dbf337c5 + 7e1901f6c86c)",
+    "fix-irr-pending-scan-on-deactivate": "lapic.py: kvm_apic_update_apicv leaves "
+    "irr_pending alone on deactivation (bug #8a: 755c2bf87860)",
+    "fix-isr-cache-not-purged": "lapic.py: kvm_apic_update_apicv purges highest_isr_cache "
+    "(bug #9: 97a71c444a14)",
+    "fix-apicv-disable-req-event": "x86.py: KVM_REQ_EVENT when APICv is deactivated (5.14)",
+    "fix-svi-on-apicv-activation": "x86.py: SVI from the in-service vector when APICv is "
+    "activated (6.19-rc1)",
+    "fix-vtd-pi-stable-condition": "posted_intr.c: VT-d PI paths keyed on enable_apicv, not "
+    "the vCPU's APICv state (53b7ca1a3593)",
 }
 
 
