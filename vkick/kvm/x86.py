@@ -158,14 +158,11 @@ def kvm_cpu_has_injectable_intr(vcpu: KvmVcpu) -> bool:
 
 
 def kvm_guest_apic_has_interrupt(vcpu: KvmVcpu) -> bool:
-    """arch/x86/kvm/x86.c: kvm_guest_apic_has_interrupt → vmx_guest_apic_has_interrupt:
-    with APICv, RVI's class above VPPR's."""
-    if not vcpu.arch.apicv_active:
-        return False
-    apic = vcpu.arch.apic
-    assert apic is not None
-    rvi = vcpu.arch.rvi
-    return bool(rvi) and (rvi & 0xF0) > (apic.ppr & 0xF0)
+    """arch/x86/kvm/x86.c: kvm_guest_apic_has_interrupt — only for a vCPU running a nested
+    guest (is_guest_mode): vmx_guest_apic_has_interrupt then checks L2's virtual APIC.
+    vkick models no nested guests, so it is always false; for an L1 vCPU the halt check
+    relies on kvm_cpu_has_interrupt, which harvests PIR and compares IRR with PPR."""
+    return False
 
 
 def kvm_arch_interrupt_allowed(vcpu: KvmVcpu) -> bool:
