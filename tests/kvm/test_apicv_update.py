@@ -488,3 +488,24 @@ def test_pi_structural_violations_checks_a_vcpu_whose_apicv_is_inhibited(rt: Run
     vcpu.arch.apicv_active = False
     vcpu.pi_desc.pir, vcpu.pi_desc.on, vcpu.pi_desc.sn = 1 << V, False, False
     assert [v.invariant for v in pi_structural_violations(kvm)] == ["16.4 PIR≠0 ⇒ ON"]
+
+
+@pytest.mark.parametrize(("toggles", "visible"), [
+    (frozenset(), True),
+    (frozenset({"fix-irr-pending-scan-on-deactivate"}), False),
+    (frozenset({"fix-irr-pending-scan-on-deactivate", "fix-irr-pending-not-set-on-restore"}),
+     True)])
+def test_kvm_apic_set_state_with_apicv_off_restores_an_irr_the_8a_fix_hides(
+        rt: Runtime, toggles: frozenset[str], visible: bool) -> None:
+    """kvm_apic_set_state → kvm_apic_update_apicv, bug #8b: with APICv off, v5.13's IRR scan
+    makes a restored IRR bit visible; 755c2bf87860 alone leaves irr_pending as it was
+    (false), hiding it; d3ddef46f22e sets irr_pending unconditionally."""
+    from vkick.kvm.lapic import kvm_apic_get_state, kvm_apic_set_state  # noqa: PLC0415
+
+    vcpu = _vm(rt, 1, apicv=False, toggles=toggles).vcpus[0]
+    apic = _apic(vcpu)
+    apic.irr_pending = False  # nothing was pending before the restore
+    state = kvm_apic_get_state(vcpu)
+    state.irr = 1 << V
+    assert _run(rt, kvm_apic_set_state, vcpu, state) == 0
+    assert (apic_find_highest_irr(apic) == V) is visible

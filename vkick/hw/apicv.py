@@ -7,7 +7,10 @@ instruction boundary it takes the physical interrupts pending at this CPU — th
 interrupt notification vector is processed without an exit (PIR → VIRR, RVI), any other
 vector exits — then evaluates virtual interrupts (APICv) or interrupt-window exiting, then
 executes one guest instruction.  TPR and EOI writes are virtualized with APICv (no exit,
-unless the EOI-exit bitmap asks for one); without APICv they exit to KVM.
+unless the EOI-exit bitmap asks for one); without APICv they exit to KVM.  "With APICv"
+means the VMCS controls KVM last wrote (``pin_posted_intr``, ``virtual_intr_delivery``:
+vmx_refresh_apicv_exec_ctrl), which follow KVM's ``apicv_active`` only when KVM
+refreshes them — APICv can be inhibited and re-activated while the VM runs.
 
 The guest model is duck-typed (``GuestModel``): an ``actions`` deque of tuples, an
 ``on_interrupt(vcpu, vector)`` hook that queues the handler, an ``idle_halt`` flag.

@@ -177,6 +177,7 @@ KNOWN_TOGGLES: Final = frozenset({
     # each is the v5.13 behaviour, the toggle applies the later fix.
     "fix-no-pir-sync-when-apicv-inhibited",  # x86.py, lapic.py, vmx.py (bug #7)
     "fix-irr-pending-scan-on-deactivate",  # lapic.py: kvm_apic_update_apicv (bug #8a)
+    "fix-irr-pending-not-set-on-restore",  # lapic.py: kvm_apic_update_apicv (bug #8b)
     "fix-isr-cache-not-purged",  # lapic.py: kvm_apic_update_apicv (bug #9)
     "fix-apicv-disable-req-event",  # x86.py: kvm_vcpu_update_apicv (5.14)
     "fix-svi-on-apicv-activation",  # x86.py: kvm_vcpu_update_apicv (6.19)

@@ -13,8 +13,14 @@ apic_update_ppr, apic_has_interrupt_for_ppr, apic_set_tpr, kvm_apic_has_interrup
 kvm_get_apic_interrupt, kvm_apic_pending_eoi, kvm_ioapic_handles_vector, kvm_ioapic_send_eoi,
 apic_set_eoi, kvm_apic_set_eoi_accelerated, kvm_bitmap_or_dest_vcpus, kvm_apic_set_irq,
 __apic_accept_irq, kvm_apic_accept_events, kvm_lapic_reg_write, kvm_x2apic_msr_write,
-kvm_apic_send_ipi.  Left out: timers, LVT entries, the PIC, Hyper-V SynIC, nested.  The
+kvm_apic_send_ipi, and the state side: kvm_lapic_set_base, kvm_lapic_get_base,
+kvm_apic_update_apicv, kvm_lapic_reset, kvm_apic_state_fixup, kvm_apic_get_state,
+kvm_apic_set_state.  Left out: timers, LVT entries, the PIC, Hyper-V SynIC, nested.  The
 IOAPIC is :mod:`vkick.kvm.ioapic`; EOIs reach it through kvm_ioapic_send_eoi.
+Fix switches for APICv toggled at run time (research/bugs.md; off = v5.13):
+``fix-no-pir-sync-when-apicv-inhibited`` (bug #7, apic_has_interrupt_for_ppr),
+``fix-irr-pending-scan-on-deactivate`` (#8a), ``fix-irr-pending-not-set-on-restore``
+(#8b) and ``fix-isr-cache-not-purged`` (#9), all in kvm_apic_update_apicv.
 """
 
 from __future__ import annotations
@@ -811,12 +817,18 @@ async def kvm_apic_update_apicv(vcpu: KvmVcpu) -> None:
     vectors are injected).  v5.13 keeps ``highest_isr_cache`` across the change, so a
     vector in service when APICv is activated stays "highest in service" after the
     hardware retired it (bug #9); ``fix-isr-cache-not-purged`` (97a71c444a14, v6.3)
-    resets it to -1.
+    resets it to -1.  The 8a fix alone regressed KVM_SET_LAPIC with APICv off: restored
+    IRR bits stay hidden behind the ``irr_pending`` of before (bug #8b);
+    ``fix-irr-pending-not-set-on-restore`` (d3ddef46f22e, v6.12) sets ``irr_pending``
+    unconditionally (it subsumes the 8a fix).
     """
     apic = vcpu.arch.apic
     assert apic is not None
     toggles = vcpu.kvm.toggles
-    if vcpu.arch.apicv_active:
+    if "fix-irr-pending-not-set-on-restore" in toggles:
+        apic.irr_pending = True
+        apic.isr_count = 1 if vcpu.arch.apicv_active else count_vectors(apic.isr)
+    elif vcpu.arch.apicv_active:
         apic.irr_pending = True
         apic.isr_count = 1
     else:

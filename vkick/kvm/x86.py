@@ -471,8 +471,10 @@ async def vmx_handle_exit(vcpu: KvmVcpu, ex: Exit) -> int:
 async def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
     """arch/x86/kvm/x86.c: vcpu_enter_guest → 1 (keep looping)  [vCPU thread]
 
-    Service KVM_REQ_EVENT (inject), disable IRQs, publish IN_GUEST_MODE, full barrier, sync
-    PIR (APICv), re-check for kicks/requests, enter; after the exit: OUTSIDE_GUEST_MODE,
+    Service the requests on this path (IOAPIC EOI exit, SCAN_IOAPIC, LOAD_EOI_EXITMAP,
+    APICV_UPDATE, in the kernel's order), then KVM_REQ_EVENT (inject), disable IRQs,
+    publish IN_GUEST_MODE, full barrier, sync PIR (APICv; bug #7: v5.13 not while it is
+    inhibited), re-check for kicks/requests, enter; after the exit: OUTSIDE_GUEST_MODE,
     handle the exit's interrupt with IRQs still off, enable IRQs (held IPIs are taken by the
     host here), dispatch the exit.  Spec §14.3 and the handshakes of §16.1–§16.2.
     """

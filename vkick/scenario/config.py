@@ -44,6 +44,8 @@ KNOWN_TOGGLES: dict[str, str] = {
     "with APICv inhibited (bug #7: 37c4dbf337c5 + 7e1901f6c86c)",
     "fix-irr-pending-scan-on-deactivate": "lapic.py: kvm_apic_update_apicv leaves "
     "irr_pending alone on deactivation (bug #8a: 755c2bf87860)",
+    "fix-irr-pending-not-set-on-restore": "lapic.py: kvm_apic_update_apicv sets irr_pending "
+    "unconditionally (bug #8b: d3ddef46f22e, the regression of the #8a fix)",
     "fix-isr-cache-not-purged": "lapic.py: kvm_apic_update_apicv purges highest_isr_cache "
     "(bug #9: 97a71c444a14)",
     "fix-apicv-disable-req-event": "x86.py: KVM_REQ_EVENT when APICv is deactivated (5.14)",
