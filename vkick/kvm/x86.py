@@ -847,13 +847,14 @@ async def kvm_vcpu_update_apicv(vcpu: KvmVcpu) -> None:
     v5.13 stops there, which leaves two later-fixed holes: a vector the hardware put in
     VIRR (or the PIR harvest put in IRR) while APICv was active was accepted without
     KVM_REQ_EVENT, so after a deactivation nothing injects it until the next event —
-    ``fix-apicv-disable-req-event`` raises KVM_REQ_EVENT on deactivation, as 5.14 does
-    (present in 5.14-rc5, absent from 5.12.9 and the v5.13-era tree; commit "Check for
-    pending interrupts when APICv is getting disabled", id recalled, not seen); and SVI is
-    not refreshed on activation, so the hardware's first EOI virtualization retires the
-    stale SVI instead of the vector in service — ``fix-svi-on-apicv-activation`` sets SVI
-    from the highest in-service vector, as the 6.19-rc1 fix "Update SVI when activating
-    APICv" does (id not seen).
+    ``fix-apicv-disable-req-event`` raises KVM_REQ_EVENT on deactivation ("KVM: x86: Check
+    for pending interrupts when APICv is getting disabled", Vitaly Kuznetsov, June 2021,
+    patch read; in 5.14-rc5, absent from 5.12.9 and the v5.13-era tree; id not seen); and
+    SVI is not refreshed on activation, so the hardware's next EOI virtualization retires
+    the stale SVI and the vector in service stays in VISR — ``fix-svi-on-apicv-activation``
+    sets SVI from the highest in-service vector on activation, as "KVM: VMX: configure SVI
+    during runtime APICv activation" (Dongli Zhang, Nov 2025, patch read; merged for
+    6.19-rc1; id not seen) does.
     Differs from the kernel: no lapic_in_kernel check (every vkick vCPU has one).
     """
     kvm = vcpu.kvm
