@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from vkick.obs.tracepoints import EVENTS, render_markdown, validate
+from vkick.scenario.apicv_inhibit import apicv_driver, hotplug_synic_vcpu
 from vkick.scenario.assigned_device import run_assigned_device
 from vkick.scenario.format import load_scenario
 from vkick.scenario.irqfd_lifecycle import (
@@ -76,6 +77,22 @@ def test_every_emitted_event_conforms_to_the_schema() -> None:
     for run in lifecycle:
         for rec in run.events:
             col(rec)
+    # APICv inhibited at run time (a hot-plugged vCPU activates its SynIC) and re-activated
+    # by the VMM-side driver, with the device posting throughout.
+    async def inhibit(rt: Any, kvm: Any) -> None:
+        t = rt.now_ns()
+        rt.spawn("hotplug", hotplug_synic_vcpu, kvm, 1, 1, t + 20_000)
+        rt.spawn("apicv", apicv_driver, kvm, [(t + 60_000, True)])
+
+    run = run_assigned_device(seed=0, msi_times=[7_000 * i for i in range(1, 12)],
+                              vcpu_cpus=[0], nr_pcpus=3, irq_cpu=2, setup=inhibit,
+                              toggles=frozenset({"fix-no-pir-sync-when-apicv-inhibited",
+                                                 "fix-apicv-disable-req-event",
+                                                 "fix-vtd-pi-stable-condition"}),
+                              record=True)
+    assert run.violations == []
+    for rec in run.events:
+        col(rec)
     assert not col.problems, col.problems
     # The scenarios and the configs exercise nearly the whole schema (the IOAPIC's EOI-storm
     # event needs 10000 back-to-back EOIs: tests/kvm/test_ioapic.py validates it).

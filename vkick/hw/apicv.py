@@ -7,7 +7,10 @@ instruction boundary it takes the physical interrupts pending at this CPU — th
 interrupt notification vector is processed without an exit (PIR → VIRR, RVI), any other
 vector exits — then evaluates virtual interrupts (APICv) or interrupt-window exiting, then
 executes one guest instruction.  TPR and EOI writes are virtualized with APICv (no exit,
-unless the EOI-exit bitmap asks for one); without APICv they exit to KVM.
+unless the EOI-exit bitmap asks for one); without APICv they exit to KVM.  "With APICv"
+means the VMCS controls KVM last wrote (``pin_posted_intr``, ``virtual_intr_delivery``:
+vmx_refresh_apicv_exec_ctrl), which follow KVM's ``apicv_active`` only when KVM
+refreshes them — APICv can be inhibited and re-activated while the VM runs.
 
 The guest model is duck-typed (``GuestModel``): an ``actions`` deque of tuples, an
 ``on_interrupt(vcpu, vector)`` hook that queues the handler, an ``idle_halt`` flag.
@@ -121,13 +124,17 @@ def _virtual_interrupt_delivery(vcpu: Any) -> bool:
 
 
 def _eoi_virtualization(vcpu: Any) -> int:
-    """SDM: EOI virtualization — retire SVI; returns the vector if an EOI-induced exit is due,
-    else -1 (spec §13.4)."""
+    """SDM: EOI virtualization — retire the vector SVI names: VISR[SVI] := 0, SVI := the
+    highest remaining VISR bit (or 0), PPR virtualization; returns the vector if its
+    EOI-exit bitmap bit asks for an EOI-induced exit, else -1 (spec §13.4).
+
+    The hardware trusts SVI: a stale SVI (not refreshed when APICv was activated with a
+    vector in service) retires the wrong vector — the in-service one stays in VISR and SVI
+    only now points at it.
+    """
     arch = vcpu.arch
     apic = arch.apic
-    v: int = apic.isr.bit_length() - 1
-    if v < 0:
-        return -1
+    v: int = arch.svi
     apic.isr &= ~(1 << v)
     arch.svi = max(apic.isr.bit_length() - 1, 0)
     _ppr_virtualization(vcpu)
@@ -170,10 +177,18 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 
 
 async def vmx_vcpu_run(vcpu: Any, pcpu: PhysicalCpu, immediate_exit: bool = False) -> Exit:
-    """VM entry … VM exit.  Returns the exit (reason, qualification, value)."""
+    """VM entry … VM exit.  Returns the exit (reason, qualification, value).
+
+    The hardware obeys the VMCS controls as KVM last wrote them
+    (vmx_refresh_apicv_exec_ctrl), not KVM's ``apicv_active``: the notification vector is
+    processed as a posted interrupt only with "process posted interrupts" set (else it is
+    an external-interrupt exit like any other vector); virtual-interrupt delivery and the
+    TPR/EOI virtualization only with "virtual-interrupt delivery" set.
+    """
     arch = vcpu.arch
     guest = vcpu.guest
-    apicv = arch.apicv_active
+    posted = arch.pin_posted_intr
+    apicv = arch.virtual_intr_delivery
     actions = guest.actions
     pcpu.context = CpuContext.GUEST
     guest.idle_halted = False
@@ -194,7 +209,7 @@ async def vmx_vcpu_run(vcpu: Any, pcpu: PhysicalCpu, immediate_exit: bool = Fals
             held = pcpu.pending
             while held:
                 vector = held.pop(0)
-                if apicv and vector == vcpu.pi_desc.nv == POSTED_INTR_VECTOR:
+                if posted and vector == vcpu.pi_desc.nv == POSTED_INTR_VECTOR:
                     posted_interrupt_processing(vcpu, pcpu)
                     continue
                 # Acknowledge-on-exit: this vector is taken by the exit; the rest stay.

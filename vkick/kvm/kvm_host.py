@@ -65,6 +65,21 @@ KVM_REQ_IOAPIC_EOI_EXIT: Final = 8 + 19
 KVM_REQ_LOAD_EOI_EXITMAP: Final = 8 + 23
 KVM_REQ_APICV_UPDATE: Final = (8 + 25) | KVM_REQUEST_WAIT | KVM_REQUEST_NO_WAKEUP
 
+# Why APICv is inhibited (arch/x86/include/asm/kvm_host.h, v5.13): bits of
+# kvm->arch.apicv_inhibit_reasons.  VMX honours only DISABLE and HYPERV
+# (vmx_check_apicv_inhibit_reasons); the others are SVM/AVIC reasons.
+APICV_INHIBIT_REASON_DISABLE: Final = 0  # enable_apicv off (set at VM creation)
+APICV_INHIBIT_REASON_HYPERV: Final = 1  # Hyper-V SynIC activated (kvm_hv_activate_synic)
+APICV_INHIBIT_REASON_NESTED: Final = 2
+APICV_INHIBIT_REASON_IRQWIN: Final = 3
+APICV_INHIBIT_REASON_PIT_REINJ: Final = 4
+APICV_INHIBIT_REASON_X2APIC: Final = 5
+
+# KVM_ENABLE_CAP capabilities on this path (include/uapi/linux/kvm.h).
+KVM_CAP_HYPERV_SYNIC: Final = 123
+KVM_CAP_HYPERV_SYNIC2: Final = 148
+KVM_ENABLE_CAP: Final = 0x4068AEA3  # _IOW(KVMIO, 0xa3, struct kvm_enable_cap)
+
 # Host vectors (arch/x86/include/asm/irq_vectors.h).
 POSTED_INTR_VECTOR: Final = 0xF2
 POSTED_INTR_WAKEUP_VECTOR: Final = 0xF1
@@ -148,21 +163,6 @@ KVM_IRQ_ROUTING_S390_ADAPTER: Final = 3
 KVM_IRQ_ROUTING_HV_SINT: Final = 4
 KVM_MAX_IRQ_ROUTES: Final = 4096
 
-# The per-VM ``Kvm.toggles`` vkick knows (research/bugs.md; see each site's docstring).
-# A scenario's ``toggles`` field is checked against this list.
-KNOWN_TOGGLES: Final = frozenset({
-    "fix-running-vcpu-shortcut",  # vmx/vmx.py: vmx_deliver_posted_interrupt (bug #2)
-    "clear-on-after-harvest",  # vmx/vmx.py: vmx_sync_pir_to_irr (spec §16.4)
-    "no-barrier-after-guest-mode",  # x86.py: vcpu_enter_guest (spec §16.1a)
-    "irqs-on-across-entry",  # x86.py: vcpu_enter_guest (spec §16.1b)
-    "check-requests-before-guest-mode",  # x86.py: vcpu_enter_guest (spec §16.2)
-    "fix-eoi-exitmap-uninitialized",  # x86.py: vcpu_load_eoi_exitmap (v5.13 bug)
-    "fix-resample-on-unmask",  # ioapic.py: ioapic_write_indirect (changed after v5.13)
-    "bug-irqfd-assign-no-srcu",  # eventfd.py: kvm_irqfd_assign, irqfd_shutdown (bug #12a)
-    "bug-irqfd-early-fdput",  # eventfd.py: kvm_irqfd_assign (bug #12b)
-    "fix-irqfd-exclusive-binding",  # eventfd.py: kvm_irqfd_register (bug #13, v6.17)
-    "fix-efd-semaphore-underflow",  # kernel/eventfd.py: eventfd_ctx_do_read (bug #14, v6.6)
-})
 KVM_HALT_POLL_NS_DEFAULT: Final = 200_000
 
 
@@ -282,6 +282,13 @@ class KvmVcpuArch:
     # VMCS GUEST_INTR_STATUS.
     rvi: int = 0
     svi: int = 0
+    # VMCS execution controls vmx_refresh_apicv_exec_ctrl sets from apicv_active (the
+    # hardware model obeys these, not apicv_active): pin-based "process posted interrupts",
+    # and secondary "virtual-interrupt delivery" with "APIC-register virtualization" (and
+    # the x2APIC MSR pass-through of TPR/EOI/SELF_IPI in the MSR bitmap).
+    pin_posted_intr: bool = False
+    virtual_intr_delivery: bool = False
+    hv_synic_active: bool = False  # to_hv_synic(vcpu)->active (KVM_CAP_HYPERV_SYNIC)
     eoi_exit_bitmap: int = 0  # 256-bit, VMCS EOI_EXIT_BITMAP0..3
     # Vectors whose EOI must reach the IOAPIC (level-triggered pins, pins with ack
     # notifiers, RTC): rebuilt by vcpu_scan_ioapic, loaded into eoi_exit_bitmap.
@@ -340,6 +347,7 @@ class KvmArch:
     # (x86.kvm_arch_vm_ioctl_create_irqchip) makes it KVM_IRQCHIP_KERNEL with an IOAPIC.
     irqchip_mode: int = KVM_IRQCHIP_SPLIT
     nr_reserved_ioapic_pins: int = 0  # KVM_CAP_SPLIT_IRQCHIP's argument
+    apicv_inhibit_reasons: int = 0  # APICV_INHIBIT_REASON_* bits (kvm_apicv_init, updates)
     vioapic: Any = None  # ioapic.KvmIoapic | None (kvm->arch.vioapic)
 
 

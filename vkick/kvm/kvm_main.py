@@ -5,8 +5,9 @@ Covered: kvm_create_vm, kvm_get_vcpu_by_id, kvm_vm_ioctl_create_vcpu, kvm_make_r
 kvm_check_request, kvm_test_request, kvm_clear_request, kvm_request_pending,
 kvm_vcpu_exiting_guest_mode, kvm_arch_vcpu_should_kick, kvm_vcpu_kick, kvm_vcpu_wake_up,
 kvm_request_needs_ipi, kvm_kick_many_cpus, kvm_make_vcpus_request_mask,
-kvm_make_all_cpus_request, kvm_vcpu_block, kvm_vcpu_check_block, kvm_get_running_vcpu,
-vcpu_load, vcpu_put, kvm_sched_in, kvm_sched_out.
+kvm_make_all_cpus_request_except, kvm_make_all_cpus_request, kvm_vcpu_block,
+kvm_vcpu_check_block, kvm_get_running_vcpu, vcpu_load, vcpu_put, kvm_sched_in,
+kvm_sched_out.
 
 ``kvm_running_vcpu`` is a per-CPU pointer (``PhysicalCpu.running_vcpu``): set when the vCPU
 thread is loaded on a CPU (vcpu_load, kvm_sched_in) and cleared only when it leaves it
@@ -66,14 +67,17 @@ def kvm_create_vm(rt: Runtime, name: str = "vm0", *, apicv: bool = True,
                   toggles: frozenset[str] = frozenset()) -> Kvm:
     """virt/kvm/kvm_main.c: kvm_create_vm (+ kvm_irqfd_init, the APIC map)  [process]
 
+    kvm_arch_init_vm's kvm_apicv_init sets the DISABLE inhibit reason when APICv is off.
     Differs from the kernel: vmx's hardware_setup (module load in the kernel) runs here,
-    for the host this VM runs on.
+    for the host this VM runs on; ``apicv`` stands for the module's enable_apicv.
     """
     from vkick.kvm.eventfd import kvm_irqfd_init  # noqa: PLC0415
     from vkick.kvm.vmx.vmx import hardware_setup  # noqa: PLC0415
+    from vkick.kvm.x86 import kvm_apicv_init  # noqa: PLC0415
 
     kvm = Kvm(rt=rt, name=name, enable_apicv=apicv, max_halt_poll_ns=max_halt_poll_ns,
               toggles=toggles, host=host)
+    kvm_apicv_init(kvm)  # kvm_arch_init_vm
     kvm_irqfd_init(kvm)
     if host is not None:
         hardware_setup(host)
@@ -292,9 +296,15 @@ def kvm_make_vcpus_request_mask(kvm: Kvm, req: int, except_: KvmVcpu | None,
     return kvm_kick_many_cpus(kvm, sorted(cpus), bool(req & KVM_REQUEST_WAIT))
 
 
+def kvm_make_all_cpus_request_except(kvm: Kvm, req: int, except_: KvmVcpu | None) -> bool:
+    """virt/kvm/kvm_main.c: kvm_make_all_cpus_request_except  [any context] — every vCPU but
+    ``except_`` (the caller's own, which the caller updates directly)."""
+    return kvm_make_vcpus_request_mask(kvm, req, except_, None)
+
+
 def kvm_make_all_cpus_request(kvm: Kvm, req: int) -> bool:
     """virt/kvm/kvm_main.c: kvm_make_all_cpus_request  [any context]"""
-    return kvm_make_vcpus_request_mask(kvm, req, None, None)
+    return kvm_make_all_cpus_request_except(kvm, req, None)
 
 
 # ---------------------------------------------------------------------------- load / put

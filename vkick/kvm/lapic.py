@@ -13,8 +13,14 @@ apic_update_ppr, apic_has_interrupt_for_ppr, apic_set_tpr, kvm_apic_has_interrup
 kvm_get_apic_interrupt, kvm_apic_pending_eoi, kvm_ioapic_handles_vector, kvm_ioapic_send_eoi,
 apic_set_eoi, kvm_apic_set_eoi_accelerated, kvm_bitmap_or_dest_vcpus, kvm_apic_set_irq,
 __apic_accept_irq, kvm_apic_accept_events, kvm_lapic_reg_write, kvm_x2apic_msr_write,
-kvm_apic_send_ipi.  Left out: timers, LVT entries, the PIC, Hyper-V SynIC, nested.  The
+kvm_apic_send_ipi, and the state side: kvm_lapic_set_base, kvm_lapic_get_base,
+kvm_apic_update_apicv, kvm_lapic_reset, kvm_apic_state_fixup, kvm_apic_get_state,
+kvm_apic_set_state.  Left out: timers, LVT entries, the PIC, Hyper-V SynIC, nested.  The
 IOAPIC is :mod:`vkick.kvm.ioapic`; EOIs reach it through kvm_ioapic_send_eoi.
+Fix switches for APICv toggled at run time (research/bugs.md; off = v5.13):
+``fix-no-pir-sync-when-apicv-inhibited`` (bug #7, apic_has_interrupt_for_ppr),
+``fix-irr-pending-scan-on-deactivate`` (#8a), ``fix-irr-pending-not-set-on-restore``
+(#8b) and ``fix-isr-cache-not-purged`` (#9), all in kvm_apic_update_apicv.
 """
 
 from __future__ import annotations
@@ -72,7 +78,12 @@ from vkick.kvm.kvm_host import (
 
 # kvm_main and vmx import nothing from here at module level, so these are not cycles.
 from vkick.kvm.kvm_main import kvm_make_request, kvm_vcpu_kick
-from vkick.kvm.vmx.vmx import vmx_deliver_posted_interrupt, vmx_sync_pir_to_irr
+from vkick.kvm.vmx.vmx import (
+    vmx_deliver_posted_interrupt,
+    vmx_hwapic_isr_update,
+    vmx_set_rvi,
+    vmx_sync_pir_to_irr,
+)
 
 APIC_MAP_DIRTY: Final = 2
 
@@ -197,7 +208,7 @@ def apic_clear_irr(vec: int, apic: KvmLapic) -> None:
     vcpu = apic.vcpu
     if vcpu.arch.apicv_active:
         apic.irr &= ~(1 << vec)
-        vcpu.arch.rvi = max(apic.irr.bit_length() - 1, 0)  # vmx_hwapic_irr_update
+        vmx_set_rvi(vcpu, apic_find_highest_irr(apic))  # vmx_hwapic_irr_update (not nested)
     else:
         apic.irr_pending = False
         apic.irr &= ~(1 << vec)
@@ -235,36 +246,46 @@ def kvm_apic_update_irr(vcpu: KvmVcpu, pir: list[int]) -> tuple[bool, int]:
 
 
 def apic_set_isr(vec: int, apic: KvmLapic) -> None:
-    """arch/x86/kvm/lapic.c: apic_set_isr — the new vector is by construction the highest."""
+    """arch/x86/kvm/lapic.c: apic_set_isr — the new vector is by construction the highest.
+
+    With APICv the processor changes ISR behind KVM's back, so nothing is cached: only SVI
+    is set.  Without, ``isr_count`` and ``highest_isr_cache`` follow (spec §11.4).
+    """
     bit = 1 << vec
     if apic.isr & bit:
         return
     apic.isr |= bit
     if apic.vcpu.arch.apicv_active:
-        apic.vcpu.arch.svi = vec  # kvm_x86_hwapic_isr_update
+        vmx_hwapic_isr_update(apic.vcpu, vec)  # kvm_x86_hwapic_isr_update
     else:
         apic.isr_count += 1
         apic.highest_isr_cache = vec
 
 
 def apic_find_highest_isr(apic: KvmLapic) -> int:
-    """arch/x86/kvm/lapic.c: apic_find_highest_isr."""
-    if not apic.vcpu.arch.apicv_active:
-        if apic.isr_count == 0:
-            return -1
-        if apic.highest_isr_cache != -1:
-            return apic.highest_isr_cache
+    """arch/x86/kvm/lapic.c: apic_find_highest_isr — -1 with ``isr_count`` 0, else the
+    cache if valid, else a scan of ISR.
+
+    It does not look at APICv: it relies on ``isr_count`` being pinned to 1 and the cache
+    to -1 while APICv is active (kvm_apic_update_apicv), so a cache left over from before
+    an activation is believed (bug #9).  Spec §11.4.
+    """
+    if apic.isr_count == 0:
+        return -1
+    if apic.highest_isr_cache != -1:
+        return apic.highest_isr_cache
     return apic.isr.bit_length() - 1
 
 
 def apic_clear_isr(vec: int, apic: KvmLapic) -> None:
-    """arch/x86/kvm/lapic.c: apic_clear_isr."""
+    """arch/x86/kvm/lapic.c: apic_clear_isr — with APICv (reached only through the Hyper-V
+    EOI enlightenment) refresh SVI and leave the counters alone."""
     bit = 1 << vec
     if not apic.isr & bit:
         return
     apic.isr &= ~bit
     if apic.vcpu.arch.apicv_active:
-        apic.vcpu.arch.svi = max(apic.isr.bit_length() - 1, 0)
+        vmx_hwapic_isr_update(apic.vcpu, apic_find_highest_isr(apic))
     else:
         apic.isr_count -= 1
         apic.highest_isr_cache = -1
@@ -290,9 +311,16 @@ def apic_has_interrupt_for_ppr(apic: KvmLapic, ppr: int) -> int:
 
     The highest IRR vector whose class is above PPR's, or -1.  With APICv the PIR is
     harvested first (vmx_sync_pir_to_irr), so every runnability check sees posted vectors.
+    v5.13 harvests only while APICv is active for the vCPU; with
+    ``fix-no-pir-sync-when-apicv-inhibited`` (bug #7, 37c4dbf337c5) whenever the VM could
+    have posted at all (``kvm_x86_ops.sync_pir_to_irr`` set: enable_apicv).
     """
     vcpu = apic.vcpu
-    if vcpu.arch.apicv_active:
+    if "fix-no-pir-sync-when-apicv-inhibited" in vcpu.kvm.toggles:
+        sync = vcpu.kvm.enable_apicv
+    else:
+        sync = vcpu.arch.apicv_active
+    if sync:
         highest_irr = vmx_sync_pir_to_irr(vcpu)
     else:
         highest_irr = apic_find_highest_irr(apic)
@@ -560,9 +588,12 @@ def kvm_apic_accept_events(vcpu: KvmVcpu) -> None:
     pe = apic.pending_events
     apic.pending_events = 0
     if pe & (1 << KVM_APIC_INIT):
-        # kvm_vcpu_reset(init_event=true): the LAPIC state that matters here.
+        # kvm_vcpu_reset(init_event=true): the LAPIC state that matters here, with
+        # kvm_apic_update_apicv's counters for the current APICv state.
         apic.irr = apic.isr = apic.tmr = 0
-        apic.isr_count = 0
+        apicv = vcpu.arch.apicv_active
+        apic.irr_pending = apicv
+        apic.isr_count = 1 if apicv else 0
         apic.highest_isr_cache = -1
         vcpu.arch.mp_state = (MpState.KVM_MP_STATE_RUNNABLE if vcpu.vcpu_id == 0
                               else MpState.KVM_MP_STATE_INIT_RECEIVED)
@@ -771,20 +802,46 @@ def kvm_lapic_get_base(vcpu: KvmVcpu) -> int:
             | (X2APIC_ENABLE if apic.x2apic_mode else 0))
 
 
-def kvm_apic_update_apicv(vcpu: KvmVcpu) -> None:
-    """arch/x86/kvm/lapic.c: kvm_apic_update_apicv  [vCPU thread]
+async def kvm_apic_update_apicv(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/lapic.c: kvm_apic_update_apicv  [vCPU thread or ioctl]
 
-    With APICv ``irr_pending`` is always true and ``isr_count`` pinned to 1; without, both
-    are recomputed from IRR/ISR.
+    Bring the software bookkeeping in line with ``apicv_active``: with APICv
+    ``irr_pending`` is always true and ``isr_count`` pinned to 1; without, ``isr_count``
+    counts ISR and v5.13 recomputes ``irr_pending`` by scanning IRR.  Spec §11.1.
+    The scan races with anyone still setting IRR bits: the hardware is still posting from
+    its point of view, or a sender that already sees APICv off sets its bit and
+    ``irr_pending`` inside the W-APICV-update window — and then the stale "empty" is
+    stored over it, hiding the vector from apic_find_highest_irr until another IRR write
+    (bug #8a).  ``fix-irr-pending-scan-on-deactivate`` (755c2bf87860, v5.17) leaves
+    ``irr_pending`` alone on deactivation (true from the active period; cleared as
+    vectors are injected).  v5.13 keeps ``highest_isr_cache`` across the change, so a
+    vector in service when APICv is activated stays "highest in service" after the
+    hardware retired it (bug #9); ``fix-isr-cache-not-purged`` (97a71c444a14, v6.3)
+    resets it to -1.  The 8a fix alone regressed KVM_SET_LAPIC with APICv off: restored
+    IRR bits stay hidden behind the ``irr_pending`` of before (bug #8b);
+    ``fix-irr-pending-not-set-on-restore`` (d3ddef46f22e, v6.12) sets ``irr_pending``
+    unconditionally (it subsumes the 8a fix).
     """
     apic = vcpu.arch.apic
     assert apic is not None
-    if vcpu.arch.apicv_active:
+    toggles = vcpu.kvm.toggles
+    if "fix-irr-pending-not-set-on-restore" in toggles:
+        apic.irr_pending = True
+        apic.isr_count = 1 if vcpu.arch.apicv_active else count_vectors(apic.isr)
+    elif vcpu.arch.apicv_active:
         apic.irr_pending = True
         apic.isr_count = 1
     else:
-        apic.irr_pending = apic_search_irr(apic) != -1
+        if "fix-irr-pending-scan-on-deactivate" not in toggles:
+            pending = apic_search_irr(apic) != -1
+            # W-APICV-update: the IRR scan ↔ the store of irr_pending.  Another CPU may
+            # set an IRR bit here (an __apic_accept_irq that sees APICv off for this
+            # vCPU: kvm_lapic_set_irr), whose irr_pending store the one below overwrites.
+            await vcpu.kvm.rt.preempt("W-APICV-update")
+            apic.irr_pending = pending
         apic.isr_count = count_vectors(apic.isr)
+    if "fix-isr-cache-not-purged" in toggles:
+        apic.highest_isr_cache = -1
 
 
 async def kvm_lapic_reset(vcpu: KvmVcpu, init_event: bool = False) -> None:
@@ -811,12 +868,12 @@ async def kvm_lapic_reset(vcpu: KvmVcpu, init_event: bool = False) -> None:
         kvm_apic_set_ldr(apic, 0)
     apic.icr = apic.icr2 = 0
     apic.irr = apic.isr = apic.tmr = 0
-    kvm_apic_update_apicv(vcpu)
+    await kvm_apic_update_apicv(vcpu)
     apic.highest_isr_cache = -1
     apic_update_ppr(apic)
     if vcpu.arch.apicv_active:
-        vcpu.arch.rvi = 0  # kvm_x86_hwapic_irr_update(vcpu, -1)
-        vcpu.arch.svi = 0  # kvm_x86_hwapic_isr_update(vcpu, -1)
+        vmx_set_rvi(vcpu, -1)  # kvm_x86_hwapic_irr_update(vcpu, -1)
+        vmx_hwapic_isr_update(vcpu, -1)  # kvm_x86_hwapic_isr_update(vcpu, -1)
     vcpu.arch.apic_arb_prio = 0
     task = vcpu.task
     assert task is not None
@@ -886,15 +943,15 @@ async def kvm_apic_set_state(vcpu: KvmVcpu, s: KvmLapicState) -> int:
         kvm.arch.apic_map_dirty = APIC_MAP_DIRTY  # atomic_set_release
     await kvm_recalculate_apic_map(kvm, task)
     apic_update_ppr(apic)
-    kvm_apic_update_apicv(vcpu)
+    await kvm_apic_update_apicv(vcpu)
     apic.highest_isr_cache = -1
     if vcpu.arch.apicv_active:
         # vmx_apicv_post_state_restore: the PI descriptor starts empty.
         vcpu.pi_desc.on = False
         vcpu.pi_desc.pir = 0
         vcpu.arch.pir_ids.clear()
-        vcpu.arch.rvi = max(apic_find_highest_irr(apic), 0)  # kvm_x86_hwapic_irr_update
-        vcpu.arch.svi = max(apic.isr.bit_length() - 1, 0)  # kvm_x86_hwapic_isr_update
+        vmx_set_rvi(vcpu, apic_find_highest_irr(apic))  # kvm_x86_hwapic_irr_update
+        vmx_hwapic_isr_update(vcpu, apic_find_highest_isr(apic))  # ..._isr_update
     kvm_make_request(KVM_REQ_EVENT, vcpu)
     vcpu.arch.apic_arb_prio = 0
     bus = kvm.rt.bus

@@ -11,14 +11,22 @@ kvm_arch_has_assigned_device, kvm_arch_has_irq_bypass, kvm_arch_irq_bypass_add_p
 kvm_arch_irq_bypass_del_producer, kvm_arch_update_irqfd_routing; the IOAPIC-EOI plumbing:
 kvm_make_scan_ioapic_request(_mask), vcpu_scan_ioapic, vcpu_load_eoi_exitmap,
 vmx_load_eoi_exitmap (vmx.c); the VM ioctls KVM_CREATE_IRQCHIP
-(kvm_arch_vm_ioctl_create_irqchip) and KVM_IRQ_LINE (kvm_vm_ioctl_irq_line).
+(kvm_arch_vm_ioctl_create_irqchip) and KVM_IRQ_LINE (kvm_vm_ioctl_irq_line); APICv
+inhibit and re-activation at run time: kvm_apicv_activated, kvm_apicv_init,
+kvm_vcpu_update_apicv, kvm_request_apicv_update, kvm_vcpu_ioctl_enable_cap (SynIC) and
+its KVM_ENABLE_CAP ioctl.
 Bug toggles (kvm.toggles): ``no-barrier-after-guest-mode`` (spec §16.1a),
 ``irqs-on-across-entry`` (§16.1b), ``check-requests-before-guest-mode`` (§16.2),
 ``bug-no-unblock-on-assignment`` (bug #3); ``fix-eoi-exitmap-uninitialized``
-(vcpu_load_eoi_exitmap: v5.13 loads an uninitialised EOI-exit bitmap, see there).
+(vcpu_load_eoi_exitmap: v5.13 loads an uninitialised EOI-exit bitmap, see there);
+``fix-no-pir-sync-when-apicv-inhibited`` (bug #7: vcpu_enter_guest, vcpu_scan_ioapic),
+``fix-apicv-disable-req-event`` and ``fix-svi-on-apicv-activation``
+(kvm_vcpu_update_apicv).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from vkick.hw.apicv import (
     EXIT_APIC_WRITE,
@@ -50,10 +58,15 @@ from vkick.kvm.kvm_host import (
     APIC_ICR_BUSY,
     APIC_MODE_MASK,
     APIC_SHORT_MASK,
+    APICV_INHIBIT_REASON_DISABLE,
     EXITING_GUEST_MODE,
     IN_GUEST_MODE,
     KVM_APIC_SIPI,
+    KVM_CAP_HYPERV_SYNIC,
+    KVM_CAP_HYPERV_SYNIC2,
+    KVM_ENABLE_CAP,
     KVM_IRQCHIP_KERNEL,
+    KVM_REQ_APICV_UPDATE,
     KVM_REQ_EVENT,
     KVM_REQ_IOAPIC_EOI_EXIT,
     KVM_REQ_LOAD_EOI_EXITMAP,
@@ -73,7 +86,9 @@ from vkick.kvm.kvm_host import (
 from vkick.kvm.kvm_main import (
     kvm_check_request,
     kvm_clear_request,
+    kvm_get_running_vcpu,
     kvm_make_all_cpus_request,
+    kvm_make_all_cpus_request_except,
     kvm_make_request,
     kvm_make_vcpus_request_mask,
     kvm_request_pending,
@@ -86,11 +101,13 @@ from vkick.kvm.kvm_main import (
 )
 from vkick.kvm.lapic import (
     __apic_accept_irq,
+    apic_find_highest_isr,
     kvm_apic_accept_events,
     kvm_apic_has_interrupt,
     kvm_apic_present,
     kvm_apic_send_ipi,
     kvm_apic_set_eoi_accelerated,
+    kvm_apic_update_apicv,
     kvm_create_lapic,
     kvm_get_apic_interrupt,
     kvm_lapic_enabled,
@@ -104,11 +121,15 @@ from vkick.kvm.lapic_map import kvm_recalculate_apic_map
 from vkick.kvm.vmx.posted_intr import pi_update_irte, vmx_pi_start_assignment
 from vkick.kvm.vmx.vmx import (
     vmx_cancel_injection,
+    vmx_check_apicv_inhibit_reasons,
+    vmx_create_vcpu,
     vmx_enable_irq_window,
+    vmx_hwapic_isr_update,
     vmx_inject_irq,
     vmx_interrupt_allowed,
     vmx_post_block,
     vmx_pre_block,
+    vmx_refresh_apicv_exec_ctrl,
     vmx_sync_pir_to_irr,
     vmx_sync_pir_to_irr_entry,
     vmx_vcpu_load,
@@ -137,14 +158,11 @@ def kvm_cpu_has_injectable_intr(vcpu: KvmVcpu) -> bool:
 
 
 def kvm_guest_apic_has_interrupt(vcpu: KvmVcpu) -> bool:
-    """arch/x86/kvm/x86.c: kvm_guest_apic_has_interrupt → vmx_guest_apic_has_interrupt:
-    with APICv, RVI's class above VPPR's."""
-    if not vcpu.arch.apicv_active:
-        return False
-    apic = vcpu.arch.apic
-    assert apic is not None
-    rvi = vcpu.arch.rvi
-    return bool(rvi) and (rvi & 0xF0) > (apic.ppr & 0xF0)
+    """arch/x86/kvm/x86.c: kvm_guest_apic_has_interrupt — only for a vCPU running a nested
+    guest (is_guest_mode): vmx_guest_apic_has_interrupt then checks L2's virtual APIC.
+    vkick models no nested guests, so it is always false; for an L1 vCPU the halt check
+    relies on kvm_cpu_has_interrupt, which harvests PIR and compares IRR with PPR."""
+    return False
 
 
 def kvm_arch_interrupt_allowed(vcpu: KvmVcpu) -> bool:
@@ -301,7 +319,7 @@ def vcpu_scan_ioapic(vcpu: KvmVcpu) -> None:
     if irqchip_split(kvm):
         handled = kvm_scan_ioapic_routes(vcpu, handled)
     else:
-        if arch.apicv_active:
+        if _pir_sync_allowed(vcpu):
             vmx_sync_pir_to_irr(vcpu)
         if ioapic_in_kernel(kvm):
             handled = kvm_ioapic_scan_entry(vcpu, handled)
@@ -310,6 +328,16 @@ def vcpu_scan_ioapic(vcpu: KvmVcpu) -> None:
     if bus.on:
         bus.emit("vcpu_scan_ioapic", vm=kvm.name, vcpu=vcpu.vcpu_id, vectors=_vectors(handled))
     kvm_make_request(KVM_REQ_LOAD_EOI_EXITMAP, vcpu)  # not in guest (nested) mode
+
+
+def _pir_sync_allowed(vcpu: KvmVcpu) -> bool:
+    """Whether a PIR → IRR sync runs: v5.13 only while APICv is active for the vCPU; with
+    ``fix-no-pir-sync-when-apicv-inhibited`` (bug #7, 37c4dbf337c5) whenever
+    kvm_x86_ops.sync_pir_to_irr exists (static_call_cond: enable_apicv), because assigned
+    devices keep posting to a vCPU whose APICv is inhibited."""
+    if "fix-no-pir-sync-when-apicv-inhibited" in vcpu.kvm.toggles:
+        return vcpu.kvm.enable_apicv
+    return vcpu.arch.apicv_active
 
 
 def _vectors(bitmap: int) -> list[int]:
@@ -443,8 +471,10 @@ async def vmx_handle_exit(vcpu: KvmVcpu, ex: Exit) -> int:
 async def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
     """arch/x86/kvm/x86.c: vcpu_enter_guest → 1 (keep looping)  [vCPU thread]
 
-    Service KVM_REQ_EVENT (inject), disable IRQs, publish IN_GUEST_MODE, full barrier, sync
-    PIR (APICv), re-check for kicks/requests, enter; after the exit: OUTSIDE_GUEST_MODE,
+    Service the requests on this path (IOAPIC EOI exit, SCAN_IOAPIC, LOAD_EOI_EXITMAP,
+    APICV_UPDATE, in the kernel's order), then KVM_REQ_EVENT (inject), disable IRQs,
+    publish IN_GUEST_MODE, full barrier, sync PIR (APICv; bug #7: v5.13 not while it is
+    inhibited), re-check for kicks/requests, enter; after the exit: OUTSIDE_GUEST_MODE,
     handle the exit's interrupt with IRQs still off, enable IRQs (held IPIs are taken by the
     host here), dispatch the exit.  Spec §14.3 and the handshakes of §16.1–§16.2.
     """
@@ -469,6 +499,8 @@ async def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
             vcpu_scan_ioapic(vcpu)
         if kvm_check_request(KVM_REQ_LOAD_EOI_EXITMAP, vcpu):
             vcpu_load_eoi_exitmap(vcpu)
+        if kvm_check_request(KVM_REQ_APICV_UPDATE, vcpu):
+            await kvm_vcpu_update_apicv(vcpu)
     if kvm_check_request(KVM_REQ_EVENT, vcpu):
         kvm_apic_accept_events(vcpu)
         if arch.mp_state == MpState.KVM_MP_STATE_INIT_RECEIVED:
@@ -493,7 +525,10 @@ async def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
     # LOCK'd ON and kvm_vcpu_kick's CAS; spec §16.1, §16.2).
     # W-PI-entry1: posts landing here are caught by the sync below or by their IPI.
     await rt.preempt("W-PI-entry1")
-    if kvm_lapic_enabled(vcpu) and arch.apicv_active:
+    # "This handles the case where a posted interrupt was notified with kvm_vcpu_kick":
+    # v5.13 only with APICv active — PIR posted to a vCPU whose APICv is inhibited stays
+    # there until APICv is re-activated (bug #7); the fix syncs whenever the LAPIC is on.
+    if kvm_lapic_enabled(vcpu) and _pir_sync_allowed(vcpu):
         if "no-barrier-after-guest-mode" in toggles and not stale_on:
             # Bug toggle §16.1a: without the barrier the ON load may be satisfied before
             # the mode store is visible — it returns ON as of before the entry.
@@ -603,16 +638,19 @@ async def kvm_arch_vcpu_create(vcpu: KvmVcpu) -> None:
     """arch/x86/kvm/x86.c: kvm_arch_vcpu_create  [process: KVM_CREATE_VCPU]
 
     mp_state RUNNABLE for the reset BSP (vCPU id 0), UNINITIALIZED (waiting for INIT/SIPI)
-    for the others; the in-kernel LAPIC; APICv active iff the VM enables it; then the RESET
-    (kvm_vcpu_reset), whose map recalculation runs before the vCPU is visible.
+    for the others; the in-kernel LAPIC; APICv active iff no inhibit reason is set (a vCPU
+    created while the VM's APICv is inhibited starts with it off); the VMCS controls
+    (vmx_create_vcpu); then the RESET (kvm_vcpu_reset), whose map recalculation runs
+    before the vCPU is visible.
     Differs from the kernel: no MMU, FPU, MSR or PMU state; no vcpu_load around the reset.
     """
     kvm = vcpu.kvm
     vcpu.arch.mp_state = (MpState.KVM_MP_STATE_RUNNABLE if vcpu.vcpu_id == 0
                           else MpState.KVM_MP_STATE_UNINITIALIZED)
     kvm_create_lapic(vcpu)
-    if kvm.enable_apicv:  # kvm_apicv_activated
+    if kvm_apicv_activated(kvm):
         vcpu.arch.apicv_active = True
+    vmx_create_vcpu(vcpu)  # kvm_x86_ops.vcpu_create
     await kvm_vcpu_reset(vcpu, False)
 
 
@@ -774,3 +812,149 @@ def kvm_arch_update_irqfd_routing(kvm: Kvm, host_irq: int, guest_irq: int,
     IRTE (posted to which vCPU, or remapped): pi_update_irte."""
     return pi_update_irte(kvm, host_irq, guest_irq, set_)
 
+
+
+# ---------------------------------------------------------------------------- APICv state
+
+
+def kvm_apicv_activated(kvm: Kvm) -> bool:
+    """arch/x86/kvm/x86.c: kvm_apicv_activated  [any context] — no inhibit reason is set
+    (READ_ONCE of kvm->arch.apicv_inhibit_reasons)."""
+    return kvm.arch.apicv_inhibit_reasons == 0
+
+
+def kvm_apicv_init(kvm: Kvm) -> None:
+    """arch/x86/kvm/x86.c: kvm_apicv_init  [process: KVM_CREATE_VM]
+
+    APICV_INHIBIT_REASON_DISABLE is set iff enable_apicv is off (vkick: the VM's
+    ``enable_apicv``).  v5.12 calls it from vmx_vm_init with enable_apicv, 5.14 from
+    kvm_arch_init_vm; both at VM creation, with the same effect.
+    """
+    bit = 1 << APICV_INHIBIT_REASON_DISABLE
+    if kvm.enable_apicv:
+        kvm.arch.apicv_inhibit_reasons &= ~bit
+    else:
+        kvm.arch.apicv_inhibit_reasons |= bit
+
+
+async def kvm_vcpu_update_apicv(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/x86.c: kvm_vcpu_update_apicv  [vCPU thread: KVM_REQ_APICV_UPDATE, or
+    the vCPU ioctl that changed the inhibit]
+
+    ``apicv_active`` := kvm_apicv_activated, then the LAPIC bookkeeping
+    (kvm_apic_update_apicv, whose W-APICV-update window races senders that already see
+    APICv off) and the VMCS controls (vmx_refresh_apicv_exec_ctrl).  Spec §2.3, §14.3.
+    v5.13 stops there, which leaves two later-fixed holes: a vector the hardware put in
+    VIRR (or the PIR harvest put in IRR) while APICv was active was accepted without
+    KVM_REQ_EVENT, so after a deactivation nothing injects it until the next event —
+    ``fix-apicv-disable-req-event`` raises KVM_REQ_EVENT on deactivation ("KVM: x86: Check
+    for pending interrupts when APICv is getting disabled", Vitaly Kuznetsov, June 2021,
+    patch read; in 5.14-rc5, absent from 5.12.9 and the v5.13-era tree; id not seen); and
+    SVI is not refreshed on activation, so the hardware's next EOI virtualization retires
+    the stale SVI and the vector in service stays in VISR — ``fix-svi-on-apicv-activation``
+    sets SVI from the highest in-service vector on activation, as "KVM: VMX: configure SVI
+    during runtime APICv activation" (Dongli Zhang, Nov 2025, patch read; merged for
+    6.19-rc1; id not seen) does.
+    Differs from the kernel: no lapic_in_kernel check (every vkick vCPU has one).
+    """
+    kvm = vcpu.kvm
+    toggles = kvm.toggles
+    vcpu.arch.apicv_active = kvm_apicv_activated(kvm)
+    await kvm_apic_update_apicv(vcpu)
+    vmx_refresh_apicv_exec_ctrl(vcpu)
+    apic = vcpu.arch.apic
+    assert apic is not None
+    if vcpu.arch.apicv_active and "fix-svi-on-apicv-activation" in toggles:
+        vmx_hwapic_isr_update(vcpu, apic_find_highest_isr(apic))
+    if not vcpu.arch.apicv_active and "fix-apicv-disable-req-event" in toggles:
+        kvm_make_request(KVM_REQ_EVENT, vcpu)
+    bus = kvm.rt.bus
+    if bus.on:
+        bus.emit("kvm_vcpu_update_apicv", vm=kvm.name, vcpu=vcpu.vcpu_id,
+                 active=vcpu.arch.apicv_active, irr_pending=apic.irr_pending,
+                 isr_count=apic.isr_count, isr_cache=apic.highest_isr_cache,
+                 svi=vcpu.arch.svi)
+
+
+async def kvm_request_apicv_update(kvm: Kvm, activate: bool, bit: int) -> None:
+    """arch/x86/kvm/x86.c: kvm_request_apicv_update  [process: no lock held]
+
+    Set (``activate`` false) or clear inhibit reason ``bit`` (a cmpxchg loop on
+    ``apicv_inhibit_reasons``); reasons VMX does not act on are ignored.  Only when the VM
+    goes from no reason to some, or back, trace kvm_apicv_update_request, send
+    KVM_REQ_APICV_UPDATE (WAIT, NO_WAKEUP: vCPUs in guest mode are IPI'd out, blocked ones
+    see it when they next run) to every vCPU but the caller's own, and update the caller's
+    vCPU at once.  Spec §2.3.
+    On VMX v5.13 only kvm_hv_activate_synic calls it (APICV_INHIBIT_REASON_HYPERV, to
+    deactivate, for good); vkick's tests and VMM-side actors may also call it directly,
+    as an ioctl-like driver, to activate again.
+    Differs from the kernel: nothing on VMX v5.13 clears an inhibit at run time (later
+    kernels toggle HYPERV with the SynIC's AutoEOI use, and SVM toggles IRQWIN and
+    PIT_REINJ); the re-activation path itself is the v5.13 code.
+    """
+    if not vmx_check_apicv_inhibit_reasons(bit):
+        return
+    old = kvm.arch.apicv_inhibit_reasons
+    new = old & ~(1 << bit) if activate else old | (1 << bit)
+    if new == old:
+        return
+    kvm.arch.apicv_inhibit_reasons = new  # cmpxchg (atomic: one step here)
+    if bool(old) == bool(new):
+        return
+    bus = kvm.rt.bus
+    if bus.on:
+        bus.emit("kvm_apicv_update_request", vm=kvm.name, activate=activate, bit=bit)
+    # (kvm_x86_ops.pre_update_apicv_exec_ctrl: SVM only.)
+    except_ = kvm_get_running_vcpu()
+    kvm_make_all_cpus_request_except(kvm, KVM_REQ_APICV_UPDATE, except_)
+    if except_ is not None:
+        await kvm_vcpu_update_apicv(except_)
+
+
+@dataclass(slots=True)
+class KvmEnableCap:
+    """include/uapi/linux/kvm.h: struct kvm_enable_cap."""
+
+    cap: int
+    flags: int = 0
+    args: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+
+async def kvm_vcpu_ioctl_enable_cap(vcpu: KvmVcpu, cap: KvmEnableCap) -> int:
+    """arch/x86/kvm/x86.c: kvm_vcpu_ioctl_enable_cap  [vCPU ioctl: the vCPU's thread, loaded]
+
+    The capabilities on this path: KVM_CAP_HYPERV_SYNIC and KVM_CAP_HYPERV_SYNIC2
+    (``args[0]`` must be 0), which need an in-kernel irqchip and activate the vCPU's SynIC
+    (kvm_hv_activate_synic — inhibiting APICv for the whole VM).  0 or -EINVAL.
+    Differs from the kernel: other capabilities are -EINVAL here.
+    """
+    from vkick.kvm.hyperv import kvm_hv_activate_synic  # noqa: PLC0415
+    from vkick.kvm.irq import irqchip_in_kernel  # noqa: PLC0415
+
+    if cap.flags:
+        return -22
+    if cap.cap == KVM_CAP_HYPERV_SYNIC2 and cap.args[0]:
+        return -22
+    if cap.cap in (KVM_CAP_HYPERV_SYNIC, KVM_CAP_HYPERV_SYNIC2):
+        if not irqchip_in_kernel(vcpu.kvm):
+            return -22
+        return await kvm_hv_activate_synic(vcpu, cap.cap == KVM_CAP_HYPERV_SYNIC2)
+    return -22
+
+
+async def kvm_arch_vcpu_ioctl(vcpu: KvmVcpu, ioctl: int, arg: KvmEnableCap) -> int:
+    """arch/x86/kvm/x86.c: kvm_arch_vcpu_ioctl  [vCPU ioctl: the vCPU's thread, between
+    KVM_RUNs]
+
+    vcpu_load (the thread's CPU now has this vCPU as kvm_running_vcpu), the ioctl, then
+    vcpu_put.
+    Differs from the kernel: only KVM_ENABLE_CAP (kvm_vcpu_ioctl_enable_cap), with the
+    argument already copied in; any other ioctl is -EINVAL.
+    """
+    if ioctl != KVM_ENABLE_CAP:
+        return -22
+    await vcpu_load(vcpu)
+    try:
+        return await kvm_vcpu_ioctl_enable_cap(vcpu, arg)
+    finally:
+        vcpu_put(vcpu)

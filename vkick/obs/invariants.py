@@ -243,11 +243,14 @@ def pi_structural_violations(kvm: Any) -> list[Violation]:
     * ON on a vCPU asleep in kvm_vcpu_block with IF = 1 ⇒ nobody owes it anything: its
       runnability check would have harvested the PIR, so the wake-up was lost (bugs #2, #3,
       #6).  (With IF = 0 the check does not look at interrupts: a legitimate wait.)
+
+    Both hold whether or not APICv is active for the vCPU now: only posters write PIR, and
+    an assigned device keeps posting to a vCPU whose APICv was inhibited at run time (bug
+    #7, and the wakeup vector it no longer gets, 53b7ca1a3593); a VM without APICv never
+    touches the descriptor.
     """
     out: list[Violation] = []
     for vcpu in kvm.vcpus:
-        if not vcpu.arch.apicv_active:
-            continue
         pi = vcpu.pi_desc
         where = f"{kvm.name} vcpu {vcpu.vcpu_id}"
         if pi.pir and not pi.on and not pi.sn:

@@ -160,6 +160,21 @@ EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in (
     _ev("kvm_apic_set_state", "debug", "KVM_SET_LAPIC restored a vCPU's LAPIC "
         "(kvm_apic_set_state)", VM, VCPU, ("id", "int", "APIC_ID register"),
         ("spiv", "int", "SPIV register")),
+    _ev("kvm_apicv_update_request", "info", "arch/x86/kvm/trace.h kvm_apicv_update_request: "
+        "the VM's APICv went from no inhibit reason to some (deactivate) or back (activate); "
+        "KVM_REQ_APICV_UPDATE goes to its vCPUs", VM,
+        ("activate", "bool", "true: the last reason was cleared"),
+        ("bit", "int", "APICV_INHIBIT_REASON_* (0 DISABLE, 1 HYPERV)")),
+    _ev("kvm_vcpu_update_apicv", "debug", "arch/x86/kvm/x86.c kvm_vcpu_update_apicv: a vCPU "
+        "took the VM's APICv state (LAPIC bookkeeping and VMCS controls)", VM, VCPU,
+        ("active", "bool", "apicv_active now"),
+        ("irr_pending", "bool", "the LAPIC's irr_pending after kvm_apic_update_apicv"),
+        ("isr_count", "int", "the LAPIC's isr_count after it"),
+        ("isr_cache", "int", "highest_isr_cache after it (-1: none)"),
+        ("svi", "int", "SVI (GUEST_INTR_STATUS 15:8) after the update")),
+    _ev("kvm_hv_activate_synic", "info", "arch/x86/kvm/hyperv.c kvm_hv_activate_synic: "
+        "KVM_ENABLE_CAP(KVM_CAP_HYPERV_SYNIC) activated a vCPU's SynIC, inhibiting APICv",
+        VM, VCPU, ("inhibits", "int", "apicv_inhibit_reasons afterwards")),
     _ev("kvm_vm_ioctl_create_vcpu", "debug", "KVM_CREATE_VCPU: the vCPU became visible in "
         "kvm->vcpus", VM, VCPU, ("idx", "int", "vcpu_idx (position in kvm->vcpus)")),
     _ev("vkick_host_ipi", "info", "a physical IPI is sent to a pCPU's inbox", PCPU,

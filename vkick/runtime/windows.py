@@ -31,6 +31,7 @@ Window = Literal[
     "W-EFD-poll",  # wait entry added ↔ count read (eventfd_poll)
     "W-GUEST-insn",  # a guest instruction boundary
     "W-HOST-sched",  # host scheduler: a vCPU thread may be preempted here
+    "W-APICV-update",  # IRR scan ↔ irr_pending store in kvm_apic_update_apicv (bug #8a)
 ]
 
 WINDOWS: Final[tuple[str, ...]] = get_args(Window)

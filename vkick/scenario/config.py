@@ -29,26 +29,10 @@ from pydantic import (
 from vkick.runtime.clock import parse_duration_ns
 from vkick.runtime.windows import WINDOWS
 from vkick.scenario.format import _FieldError, load_toml, validation_error_line
+from vkick.scenario.toggles import KNOWN_TOGGLES
 
 DEFAULT_SOURCE = "<built-in default>"
 
-# Bug toggles a config may switch on per VM (research/bugs.md; see the modules named).
-KNOWN_TOGGLES: dict[str, str] = {
-    "fix-running-vcpu-shortcut": "vmx.py: the 5.16 fix of bug #2 (wake even the running vCPU)",
-    "clear-on-after-harvest": "vmx.py: clear PID.ON after taking PIR (spec §16.4)",
-    "no-barrier-after-guest-mode": "x86.py: no smp_mb after IN_GUEST_MODE (bug #1, race B)",
-    "irqs-on-across-entry": "x86.py: IRQs enabled across VM entry (bug #1, race A)",
-    "check-requests-before-guest-mode": "x86.py: requests checked before IN_GUEST_MODE (§16.2)",
-    "vhost-notify-no-barrier": "vhost.py: no smp_mb in vhost_notify (§16.9, test only)",
-    "bug-irqfd-assign-no-srcu": "kvm/eventfd.py: no irq_srcu across kvm_irqfd_assign, no "
-                                "synchronize_srcu in irqfd_shutdown (bug #12a)",
-    "bug-irqfd-early-fdput": "kvm/eventfd.py: the eventfd's file dropped right after the poll "
-                             "(bug #12b; frees early only with bug-irqfd-assign-no-srcu)",
-    "fix-irqfd-exclusive-binding": "kvm/eventfd.py: the v6.17 fix of bug #13 (a second irqfd "
-                                   "on an eventfd, in any VM, fails with -EBUSY)",
-    "fix-efd-semaphore-underflow": "kernel/eventfd.py: the v6.6 fix of bug #14, on the "
-                                   "eventfds built for the VM",
-}
 
 
 def _duration(v: Any) -> int:

@@ -24,7 +24,8 @@ from pydantic import (
 )
 
 from vkick.errors import ConfigError
-from vkick.kvm.kvm_host import KNOWN_TOGGLES, KVM_IOAPIC_NUM_PINS
+from vkick.kvm.kvm_host import KVM_IOAPIC_NUM_PINS
+from vkick.scenario.toggles import KNOWN_TOGGLES
 
 
 class _Model(BaseModel):
@@ -264,7 +265,7 @@ class Scenario(_Model):
     source: str = ""
     description: str = ""
     topology: Topology
-    toggles: list[str] = Field(default_factory=list)  # Kvm.toggles (kvm_host.KNOWN_TOGGLES)
+    toggles: list[str] = Field(default_factory=list)  # Kvm.toggles (scenario/toggles.py)
     routes: list[Route] = Field(default_factory=list)
     irqfds: list[Irqfd] = Field(default_factory=list)
     steps: list[Step] = Field(default_factory=list)

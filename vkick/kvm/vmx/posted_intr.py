@@ -4,7 +4,8 @@ helpers, what scheduling does to it, and blocking with VT-d posting.
 Covered: pi_test_and_set_pir, pi_test_and_set_on, pi_test_and_clear_on, pi_test_on,
 pi_set_on, pi_clear_on, pi_set_sn, pi_clear_sn, pi_test_sn, pi_is_pir_empty,
 vmx_vcpu_pi_load, vmx_vcpu_pi_put, __pi_post_block, pi_pre_block, pi_post_block,
-pi_wakeup_handler, pi_has_pending_interrupt, vmx_pi_start_assignment, pi_update_irte.
+pi_wakeup_handler, pi_has_pending_interrupt, vmx_pi_start_assignment, pi_update_irte,
+vmx_can_use_vtd_pi (the 5.16 guard, toggle ``fix-vtd-pi-stable-condition``).
 
 Without an assigned device whose interrupts the IOMMU posts (a vhost-only VM) SN is never
 set and NV never changes: pi_pre_block returns 0 at once (spec §12.6, §12.7).  With one,
@@ -149,12 +150,37 @@ def pi_ndst(cpu: int) -> int:
     return (cpu << 8) & 0xFF00
 
 
-def _has_vtd_posting(vcpu: KvmVcpu) -> bool:
-    """kvm_arch_has_assigned_device ∧ irq_remapping_cap(IRQ_POSTING_CAP) ∧ APICv active."""
+def vmx_can_use_vtd_pi(kvm: Kvm) -> bool:
+    """arch/x86/kvm/vmx/posted_intr.c: vmx_can_use_vtd_pi  [any context] (53b7ca1a3593)
+
+    VT-d posting is possible at all: an assigned device, an IOMMU that can post, an
+    in-kernel irqchip and enable_apicv — a condition that does not change while the VM
+    runs, unlike a vCPU's APICv state.
+    """
+    from vkick.kvm.irq import irqchip_in_kernel  # noqa: PLC0415
     from vkick.kvm.x86 import kvm_arch_has_assigned_device  # noqa: PLC0415
 
-    host = vcpu.kvm.host
-    return (kvm_arch_has_assigned_device(vcpu.kvm) and host is not None
+    host = kvm.host
+    return (kvm_arch_has_assigned_device(kvm) and host is not None
+            and irq_remapping_cap(host, IRQ_POSTING_CAP) and irqchip_in_kernel(kvm)
+            and kvm.enable_apicv)
+
+
+def _has_vtd_posting(vcpu: KvmVcpu) -> bool:
+    """The guard of vmx_vcpu_pi_put and pi_pre_block.  v5.13: kvm_arch_has_assigned_device
+    ∧ irq_remapping_cap(IRQ_POSTING_CAP) ∧ kvm_vcpu_apicv_active(vcpu).  With APICv
+    inhibited at run time the IRTEs still post to the vCPU (nothing rewrites them), but a
+    blocking vCPU no longer switches to the wakeup vector: the IOMMU's notification goes to
+    POSTED_INTR_VECTOR, which the host ignores, and the vCPU sleeps on.
+    ``fix-vtd-pi-stable-condition`` uses vmx_can_use_vtd_pi instead (53b7ca1a3593,
+    5.16-rc3)."""
+    from vkick.kvm.x86 import kvm_arch_has_assigned_device  # noqa: PLC0415
+
+    kvm = vcpu.kvm
+    if "fix-vtd-pi-stable-condition" in kvm.toggles:
+        return vmx_can_use_vtd_pi(kvm)
+    host = kvm.host
+    return (kvm_arch_has_assigned_device(kvm) and host is not None
             and irq_remapping_cap(host, IRQ_POSTING_CAP) and vcpu.arch.apicv_active)
 
 
@@ -352,7 +378,8 @@ def vmx_pi_start_assignment(kvm: Kvm) -> None:
 def pi_update_irte(kvm: Kvm, host_irq: int, guest_irq: int, set_: bool) -> int:
     """arch/x86/kvm/vmx/posted_intr.c: pi_update_irte  [process: irq bypass, routing update]
 
-    With an assigned device, IOMMU posting and APICv: for each MSI route of ``guest_irq``,
+    With an assigned device, IOMMU posting and APICv (v5.13: vCPU 0's;
+    ``fix-vtd-pi-stable-condition``: vmx_can_use_vtd_pi): for each MSI route of ``guest_irq``,
     post the host IRQ to the vCPU (IRTE in posted mode: that vCPU's descriptor and the
     route's vector) if the route targets exactly one vCPU with Fixed or Lowest-priority
     delivery; otherwise (multicast, broadcast, other modes) keep it remapped.  ``set_``
@@ -368,10 +395,14 @@ def pi_update_irte(kvm: Kvm, host_irq: int, guest_irq: int, set_: bool) -> int:
     from vkick.kvm.x86 import kvm_arch_has_assigned_device  # noqa: PLC0415
 
     host = kvm.host
-    if (host is None or not kvm_arch_has_assigned_device(kvm)
+    if "fix-vtd-pi-stable-condition" in kvm.toggles:
+        if not vmx_can_use_vtd_pi(kvm):
+            return 0
+    elif (host is None or not kvm_arch_has_assigned_device(kvm)
             or not irq_remapping_cap(host, IRQ_POSTING_CAP)
             or not kvm.vcpus or not kvm.vcpus[0].arch.apicv_active):
-        return 0
+        return 0  # v5.13: vCPU 0's APICv state stands for the VM's
+    assert host is not None
     idx = srcu_read_lock(kvm.irq_srcu)
     ret = 0
     try:

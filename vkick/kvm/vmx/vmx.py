@@ -2,18 +2,28 @@
 software event-injection helpers.
 
 Covered: vmx_deliver_posted_interrupt, kvm_vcpu_trigger_posted_interrupt,
-vmx_sync_pir_to_irr, vmx_set_rvi, vmx_interrupt_allowed, vmx_inject_irq,
+vmx_sync_pir_to_irr, vmx_set_rvi, vmx_hwapic_isr_update, vmx_interrupt_allowed, vmx_inject_irq,
 vmx_enable_irq_window, vmx_cancel_injection, vmx_vcpu_load, vmx_vcpu_put, vmx_pre_block,
-vmx_post_block, hardware_setup (the posted-interrupt wakeup handler).  Bug toggles
-(kvm.toggles, research/bugs.md): ``fix-running-vcpu-shortcut`` (bug #2's 5.16 fix),
-``clear-on-after-harvest`` (spec §16.4).
+vmx_post_block, hardware_setup (the posted-interrupt wakeup handler), and the APICv
+controls: vmx_check_apicv_inhibit_reasons, vmx_create_vcpu (its APICv part),
+vmx_refresh_apicv_exec_ctrl.  Bug toggles (kvm.toggles, research/bugs.md):
+``fix-running-vcpu-shortcut`` (bug #2's 5.16 fix), ``clear-on-after-harvest`` (spec
+§16.4), ``fix-no-pir-sync-when-apicv-inhibited`` (bug #7, vmx_sync_pir_to_irr's part).
 """
 
 from __future__ import annotations
 
 from vkick.hw.cpu import HwHost, kvm_set_posted_intr_wakeup_handler, send_ipi
-from vkick.kvm.kvm_host import IN_GUEST_MODE, POSTED_INTR_VECTOR, KvmVcpu, MpState
-from vkick.kvm.kvm_main import kvm_get_running_vcpu, kvm_vcpu_kick
+from vkick.kvm.kvm_host import (
+    APICV_INHIBIT_REASON_DISABLE,
+    APICV_INHIBIT_REASON_HYPERV,
+    IN_GUEST_MODE,
+    KVM_REQ_EVENT,
+    POSTED_INTR_VECTOR,
+    KvmVcpu,
+    MpState,
+)
+from vkick.kvm.kvm_main import kvm_get_running_vcpu, kvm_make_request, kvm_vcpu_kick
 from vkick.kvm.vmx.posted_intr import (
     pi_post_block,
     pi_pre_block,
@@ -40,6 +50,44 @@ async def vmx_vcpu_load(vcpu: KvmVcpu, cpu: int) -> None:
     (The VMCS load, not modelled), then vmx_vcpu_pi_load.
     """
     await vmx_vcpu_pi_load(vcpu, cpu)
+
+
+def vmx_check_apicv_inhibit_reasons(bit: int) -> bool:
+    """arch/x86/kvm/vmx/vmx.c: vmx_check_apicv_inhibit_reasons  [any context]
+
+    The inhibit reasons VMX acts on: APICV_INHIBIT_REASON_DISABLE and
+    APICV_INHIBIT_REASON_HYPERV; kvm_request_apicv_update ignores any other (SVM's).
+    """
+    supported = (1 << APICV_INHIBIT_REASON_DISABLE) | (1 << APICV_INHIBIT_REASON_HYPERV)
+    return bool(supported >> bit & 1)
+
+
+def vmx_create_vcpu(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/vmx/vmx.c: vmx_create_vcpu → init_vmcs (the APICv execution controls)
+    [process: KVM_CREATE_VCPU]
+
+    The pin-based and secondary controls start as kvm_vcpu_apicv_active says (the
+    kvm_x86_ops.vcpu_create step of kvm_arch_vcpu_create).
+    Differs from the kernel: only these controls; the VMCS, MSR bitmap and the PI
+    descriptor's NV/SN (set in kvm_vm_ioctl_create_vcpu) are not modelled here.
+    """
+    vcpu.arch.pin_posted_intr = vcpu.arch.apicv_active
+    vcpu.arch.virtual_intr_delivery = vcpu.arch.apicv_active
+
+
+def vmx_refresh_apicv_exec_ctrl(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/vmx/vmx.c: vmx_refresh_apicv_exec_ctrl  [vCPU thread]
+
+    Rewrite the VMCS controls from ``apicv_active``: pin-based "process posted interrupts"
+    (vmx_pin_based_exec_ctrl), secondary "APIC-register virtualization" and
+    "virtual-interrupt delivery", and the MSR bitmap (vmx_update_msr_bitmap).  Nothing
+    else: RVI, SVI and the EOI-exit bitmap keep whatever they held (spec §13).  With the
+    pin-based control clear, a POSTED_INTR_VECTOR arriving in guest mode is an ordinary
+    external interrupt (a VM exit), whoever posted it.
+    """
+    active = vcpu.arch.apicv_active
+    vcpu.arch.pin_posted_intr = active
+    vcpu.arch.virtual_intr_delivery = active
 
 
 def vmx_vcpu_put(vcpu: KvmVcpu) -> None:
@@ -138,21 +186,59 @@ def vmx_set_rvi(vcpu: KvmVcpu, vector: int) -> None:
     vcpu.arch.rvi = vector if vector > 0 else 0
 
 
+def vmx_hwapic_isr_update(vcpu: KvmVcpu, max_isr: int) -> None:
+    """arch/x86/kvm/vmx/vmx.c: vmx_hwapic_isr_update  [vCPU thread]
+
+    SVI := ``max_isr`` (0 for -1): the high byte of GUEST_INTR_STATUS, the vector the
+    hardware's EOI virtualization retires next (spec §12.5, §13.4).
+    """
+    vcpu.arch.svi = max_isr if max_isr > 0 else 0
+
+
+def _sync_pir_tail(vcpu: KvmVcpu, max_irr: int, max_irr_updated: bool) -> None:
+    """The end of vmx_sync_pir_to_irr: RVI, or (7e1901f6c86c) KVM_REQ_EVENT."""
+    if "fix-no-pir-sync-when-apicv-inhibited" in vcpu.kvm.toggles:
+        # 7e1901f6c86c "KVM: VMX: prepare sync_pir_to_irr for running with APICv
+        # disabled": without virtual-interrupt delivery a newly harvested vector is
+        # injected through KVM_REQ_EVENT (the entry is cancelled and retried).
+        if vcpu.arch.apicv_active:
+            vmx_set_rvi(vcpu, max_irr)
+        elif max_irr_updated:
+            kvm_make_request(KVM_REQ_EVENT, vcpu)
+        return
+    vmx_set_rvi(vcpu, max_irr)  # vmx_hwapic_irr_update (not nested)
+
+
+def _warn_inactive(vcpu: KvmVcpu) -> None:
+    """v5.13's WARN_ON(!vcpu->arch.apicv_active) at the top of vmx_sync_pir_to_irr."""
+    if vcpu.arch.apicv_active or "fix-no-pir-sync-when-apicv-inhibited" in vcpu.kvm.toggles:
+        return
+    bus = vcpu.kvm.rt.bus
+    if bus.on:
+        bus.emit("vkick_warn", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id,
+                 what="vmx_sync_pir_to_irr with APICv inactive (WARN_ON)")
+
+
 def vmx_sync_pir_to_irr(vcpu: KvmVcpu) -> int:
     """arch/x86/kvm/vmx/vmx.c: vmx_sync_pir_to_irr → max_irr  [vCPU thread, IRQs off]
 
     Only when ON is set: clear ON, *then* take the PIR words into IRR (the ON protocol of
     spec §16.4: a vector posted after its word was taken finds ON clear and notifies anew).
     With ON clear PIR is not read at all.  RVI := max_irr.
-    Bug toggle ``clear-on-after-harvest`` swaps the two steps.
+    Bug toggle ``clear-on-after-harvest`` swaps the two steps.  v5.13 runs it only with
+    APICv active (it WARNs otherwise); ``fix-no-pir-sync-when-apicv-inhibited`` (bug #7,
+    7e1901f6c86c) lets it run with APICv inhibited: then RVI is left alone and a newly
+    harvested vector raises KVM_REQ_EVENT instead.
     """
     from vkick.kvm.lapic import kvm_apic_update_irr, kvm_lapic_find_highest_irr  # noqa: PLC0415
 
+    _warn_inactive(vcpu)
     pi = vcpu.pi_desc
+    updated = False
     if "clear-on-after-harvest" in vcpu.kvm.toggles:
         if pi.on:
             box = [pi.pir]
-            _, max_irr = kvm_apic_update_irr(vcpu, box)
+            updated, max_irr = kvm_apic_update_irr(vcpu, box)
             pi.pir = box[0]
             pi_test_and_clear_on(pi)
         else:
@@ -160,11 +246,11 @@ def vmx_sync_pir_to_irr(vcpu: KvmVcpu) -> int:
     elif pi.on:
         pi_test_and_clear_on(pi)
         box = [pi.pir]
-        _, max_irr = kvm_apic_update_irr(vcpu, box)
+        updated, max_irr = kvm_apic_update_irr(vcpu, box)
         pi.pir = box[0]
     else:
         max_irr = kvm_lapic_find_highest_irr(vcpu)
-    vmx_set_rvi(vcpu, max_irr)
+    _sync_pir_tail(vcpu, max_irr, updated)
     return max_irr
 
 
@@ -179,13 +265,15 @@ async def vmx_sync_pir_to_irr_entry(vcpu: KvmVcpu) -> int:
     """
     from vkick.kvm.lapic import kvm_apic_update_irr, kvm_lapic_find_highest_irr  # noqa: PLC0415
 
+    _warn_inactive(vcpu)
     pi = vcpu.pi_desc
     rt = vcpu.kvm.rt
+    updated = False
     if not pi.on:
         max_irr = kvm_lapic_find_highest_irr(vcpu)
     elif "clear-on-after-harvest" in vcpu.kvm.toggles:
         box = [pi.pir]
-        kvm_apic_update_irr(vcpu, box)
+        updated, _ = kvm_apic_update_irr(vcpu, box)
         pi.pir = 0  # the words were exchanged with 0
         await rt.preempt("W-PIR-harvest")
         pi_test_and_clear_on(pi)
@@ -197,9 +285,9 @@ async def vmx_sync_pir_to_irr_entry(vcpu: KvmVcpu) -> int:
         # test-and-set of ON in vmx_deliver_posted_interrupt).
         await rt.preempt("W-PIR-harvest")
         box = [pi.pir]
-        _, max_irr = kvm_apic_update_irr(vcpu, box)
+        updated, max_irr = kvm_apic_update_irr(vcpu, box)
         pi.pir = 0
-    vmx_set_rvi(vcpu, max_irr)
+    _sync_pir_tail(vcpu, max_irr, updated)
     return max_irr
 
 
