@@ -4,7 +4,6 @@ spec §12.1, §12.6, §12.7, §15.7, §15.8 and the VT-d posting hardware (vkick
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -60,13 +59,6 @@ from vkick.scenario.assigned_device import (
     start_vcpus,
 )
 from vkick.testing import capture_events
-
-
-@pytest.fixture
-def rt() -> Iterator[Runtime]:
-    runtime = Runtime(seed=0)
-    yield runtime
-    runtime.close()
 
 
 def _vm(rt: Runtime, *, posting: bool = True, assigned: bool = True, n: int = 2) -> Kvm:

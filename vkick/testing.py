@@ -39,3 +39,18 @@ def run_config(config: Any = None, **overrides: Any) -> Any:
             return await host.run()
 
     return anyio.run(main)
+
+
+def call_settled(rt: Any, fn: Any, *args: Any) -> Any:
+    """Run ``fn(*args)`` inside ``rt``'s loop (awaiting it when it returns an awaitable),
+    then until the emulation is quiescent; return its result.  For unit tests that call a
+    kernel function as an ioctl would and look at the state it settles in."""
+
+    async def go() -> Any:
+        r = fn(*args)
+        if hasattr(r, "__await__"):
+            r = await r
+        await rt.wait_quiescent()
+        return r
+
+    return rt.call(go)

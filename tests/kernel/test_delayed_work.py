@@ -3,10 +3,6 @@ when the timer is armed, the work runs once after the delay, cancel stops the ti
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
 from vkick.kernel.workqueue import (
     DelayedWork,
     WorkStruct,
@@ -15,13 +11,6 @@ from vkick.kernel.workqueue import (
     work_pending,
 )
 from vkick.runtime.tasks import Runtime
-
-
-@pytest.fixture
-def rt() -> Iterator[Runtime]:
-    runtime = Runtime(seed=0)
-    yield runtime
-    runtime.close()
 
 
 def test_queue_delayed_work_on_runs_once_after_the_delay_and_merges(rt: Runtime) -> None:

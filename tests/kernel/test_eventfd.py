@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -43,13 +42,6 @@ from vkick.kernel.wait import (
 )
 from vkick.runtime import PreemptPolicy, Runtime, SitePolicy
 from vkick.testing import capture_events
-
-
-@pytest.fixture
-def rt() -> Iterator[Runtime]:
-    runtime = Runtime()
-    yield runtime
-    runtime.close()
 
 
 def _ctx(rt: Runtime, initval: int = 0, flags: int = 0) -> EventfdCtx:

@@ -4,7 +4,6 @@ the KASAN tombstones (vkick/kernel/kasan.py)."""
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,13 +20,6 @@ from vkick.kernel.kasan import kasan_report, kfree
 from vkick.kernel.wait import EPOLLHUP, WaitQueueEntry, add_wait_queue
 from vkick.runtime import Runtime
 from vkick.testing import capture_events
-
-
-@pytest.fixture
-def rt() -> Iterator[Runtime]:
-    runtime = Runtime()
-    yield runtime
-    runtime.close()
 
 
 def _ctx(rt: Runtime) -> EventfdCtx:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from vkick.kernel.mutex import (
@@ -19,13 +17,6 @@ from vkick.kernel.mutex import (
 from vkick.kernel.sched import TASK_RUNNING, TaskStruct
 from vkick.runtime.sched import DONE, PreemptPolicy
 from vkick.runtime.tasks import Runtime
-
-
-@pytest.fixture
-def rt() -> Iterator[Runtime]:
-    runtime = Runtime(seed=0)
-    yield runtime
-    runtime.close()
 
 
 def test_mutex_lock_fast_path_takes_a_free_lock_without_sleeping(rt: Runtime) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import errno
 import functools
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -44,12 +44,6 @@ from vkick.testing import capture_events
 
 NMI = 0x400  # MSI data: delivery mode NMI (accepted whatever SVR says)
 
-
-@pytest.fixture
-def rt() -> Iterator[Runtime]:
-    runtime = Runtime(seed=0)
-    yield runtime
-    runtime.close()
 
 
 def _run(rt: Runtime, fn: Callable[..., Awaitable[Any]], *args: Any, **kw: Any) -> Any:

@@ -5,7 +5,6 @@ kvm_vcpu_update_apicv, kvm_apic_update_apicv and the helpers around them (spec Â
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -63,12 +62,6 @@ from vkick.testing import capture_events
 
 V = 0x51
 
-
-@pytest.fixture
-def rt() -> Iterator[Runtime]:
-    runtime = Runtime(seed=0)
-    yield runtime
-    runtime.close()
 
 
 def _vm(rt: Runtime, n: int = 2, apicv: bool = True,

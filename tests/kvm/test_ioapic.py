@@ -5,8 +5,6 @@ EOI broadcast and the EOI-exit-bitmap scan, against the v5.13 source and spec §
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -76,18 +74,12 @@ from vkick.kvm.x86 import (
 from vkick.obs.tracepoints import validate
 from vkick.runtime.tasks import Runtime
 from vkick.scenario.runner import build_vm
-from vkick.testing import capture_events
+from vkick.testing import call_settled, capture_events
 
 BASE = 0xFEC00000
 LEVEL = 1 << 15
 MASKED = 1 << 16
 
-
-@pytest.fixture
-def rt() -> Iterator[Runtime]:
-    runtime = Runtime(seed=0)
-    yield runtime
-    runtime.close()
 
 
 def _vm(rt: Runtime, n: int = 2, apicv: bool = False,
@@ -118,16 +110,6 @@ def _program(kvm: Kvm, pin: int, entry: int) -> None:
         assert ioapic_mmio_write(None, ioapic, BASE + IOAPIC_REG_SELECT, 4, reg) == 0
         assert ioapic_mmio_write(None, ioapic, BASE + IOAPIC_REG_WINDOW, 4, val) == 0
 
-
-def _call(rt: Runtime, fn: Any, *args: Any) -> Any:
-    async def go() -> Any:
-        r = fn(*args)
-        if hasattr(r, "__await__"):
-            r = await r
-        await rt.wait_quiescent()
-        return r
-
-    return rt.call(go)
 
 
 def _efd(rt: Runtime, name: str) -> EventfdCtx:
@@ -533,9 +515,9 @@ def test_kvm_arch_set_irq_inatomic_irqchip_route_takes_the_workqueue_path(
     assert kvm_arch_set_irq_inatomic(e, kvm, 0, 1, False) == -errno.EWOULDBLOCK
     _program(kvm, 4, 0x44)
     ctx = _efd(rt, "edge")
-    assert _call(rt, kvm_irqfd_assign, kvm, ctx, 4) == 0
+    assert call_settled(rt, kvm_irqfd_assign, kvm, ctx, 4) == 0
     with capture_events(rt.bus, "irqfd_wakeup", "irqfd_inject", "kvm_set_irq") as events:
-        _call(rt, eventfd_signal, ctx, 1)
+        call_settled(rt, eventfd_signal, ctx, 1)
     assert [ev["ev"] for ev in events] == ["irqfd_wakeup", "irqfd_inject", "kvm_set_irq",
                                           "kvm_set_irq"]
     assert events[0]["r"] == -errno.EWOULDBLOCK
@@ -563,10 +545,10 @@ def test_ioapic_write_indirect_fix_resample_on_unmask_resamples_instead_of_deliv
     kvm_set_irq_routing(kvm, [IrqchipRoute(5, KVM_IRQCHIP_IOAPIC, 5),
                               IrqchipRoute(6, KVM_IRQCHIP_IOAPIC, 6)])
     ctx, resamplefd = _efd(rt, "intx"), _efd(rt, "intx.r")
-    _call(rt, kvm_irqfd_assign, kvm, ctx, 5, KVM_IRQFD_FLAG_RESAMPLE, resamplefd)
+    call_settled(rt, kvm_irqfd_assign, kvm, ctx, 5, KVM_IRQFD_FLAG_RESAMPLE, resamplefd)
     _program(kvm, 5, 0x61 | LEVEL | MASKED)
     _program(kvm, 6, 0x62 | LEVEL | MASKED)
-    _call(rt, eventfd_signal, ctx, 1)
+    call_settled(rt, eventfd_signal, ctx, 1)
     kvm_vm_ioctl_irq_line(kvm, 6, 1)
     ioapic = _ioapic(kvm)
     assert ioapic.irr == 1 << 5 | 1 << 6

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import functools
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -50,14 +49,7 @@ from vkick.kvm.lapic_map import kvm_vector_to_index
 from vkick.kvm.vmx.vmx import vmx_deliver_posted_interrupt, vmx_sync_pir_to_irr
 from vkick.runtime.tasks import Runtime
 from vkick.scenario.runner import build_vm
-from vkick.testing import capture_events
-
-
-@pytest.fixture
-def rt() -> Iterator[Runtime]:
-    runtime = Runtime(seed=0)
-    yield runtime
-    runtime.close()
+from vkick.testing import call_settled, capture_events
 
 
 def _vm(rt: Runtime, n: int = 2, apicv: bool = False) -> Kvm:
@@ -68,16 +60,6 @@ def _vm(rt: Runtime, n: int = 2, apicv: bool = False) -> Kvm:
         v.cpu = v.home_cpu
     return kvm
 
-
-def _call(rt: Runtime, fn: Any, *args: Any) -> Any:
-    async def go() -> Any:
-        r = fn(*args)
-        if hasattr(r, "__await__"):
-            r = await r
-        await rt.wait_quiescent()
-        return r
-
-    return rt.call(go)
 
 
 def _irr(v: KvmVcpu) -> int:
@@ -152,15 +134,15 @@ def _efd(rt: Runtime, name: str = "efd") -> EventfdCtx:
 def test_kvm_irqfd_assign_second_irqfd_on_same_eventfd_is_ebusy(rt: Runtime) -> None:
     kvm = _vm(rt)
     ctx = _efd(rt)
-    assert _call(rt, kvm_irqfd_assign, kvm, ctx, 1) == 0
-    assert _call(rt, kvm_irqfd_assign, kvm, ctx, 2) == -errno.EBUSY
+    assert call_settled(rt, kvm_irqfd_assign, kvm, ctx, 1) == 0
+    assert call_settled(rt, kvm_irqfd_assign, kvm, ctx, 2) == -errno.EBUSY
 
 
 def test_irqfd_wakeup_signal_while_inject_pending_is_merged(rt: Runtime) -> None:
     kvm = _vm(rt)
-    _call(rt, kvm_set_irq_routing, kvm, [MsiRoute(1, 0xFEEFF000, 0x41)])  # broadcast: slow
+    call_settled(rt, kvm_set_irq_routing, kvm, [MsiRoute(1, 0xFEEFF000, 0x41)])  # broadcast: slow
     ctx = _efd(rt)
-    _call(rt, kvm_irqfd_assign, kvm, ctx, 1)
+    call_settled(rt, kvm_irqfd_assign, kvm, ctx, 1)
     with capture_events(rt.bus, "irqfd_inject", "workqueue_queue_work") as events:
 
         async def two_signals() -> None:
@@ -180,21 +162,21 @@ def test_irqfd_wakeup_signal_while_inject_pending_is_merged(rt: Runtime) -> None
 
 def test_kvm_irqfd_deassign_then_signal_injects_nothing(rt: Runtime) -> None:
     kvm = _vm(rt)
-    _call(rt, kvm_set_irq_routing, kvm, [MsiRoute(1, 0xFEE00000, 0x41)])
+    call_settled(rt, kvm_set_irq_routing, kvm, [MsiRoute(1, 0xFEE00000, 0x41)])
     ctx = _efd(rt)
-    _call(rt, kvm_irqfd_assign, kvm, ctx, 1)
-    _call(rt, kvm_irqfd_deassign, kvm, ctx, 1)
-    _call(rt, eventfd_signal, ctx, 1)
+    call_settled(rt, kvm_irqfd_assign, kvm, ctx, 1)
+    call_settled(rt, kvm_irqfd_deassign, kvm, ctx, 1)
+    call_settled(rt, eventfd_signal, ctx, 1)
     assert _irr(kvm.vcpus[0]) == 0 and ctx.count == 1 and not list(ctx.wqh)
 
 
 def test_kvm_irqfd_assign_injects_once_for_an_already_signalled_eventfd(rt: Runtime) -> None:
     kvm = _vm(rt)
-    _call(rt, kvm_set_irq_routing, kvm, [MsiRoute(1, 0xFEE00000, 0x41)])
+    call_settled(rt, kvm_set_irq_routing, kvm, [MsiRoute(1, 0xFEE00000, 0x41)])
     ctx = _efd(rt)
     for _ in range(3):
         eventfd_signal(ctx, 1)
-    _call(rt, kvm_irqfd_assign, kvm, ctx, 1)
+    call_settled(rt, kvm_irqfd_assign, kvm, ctx, 1)
     assert _irr(kvm.vcpus[0]) == 1 << 0x41
     assert ctx.count == 3  # not drained at assignment (spec §8.5 step 8)
 
@@ -310,7 +292,7 @@ def test___apic_accept_irq_drops_fixed_for_a_software_disabled_apic(rt: Runtime)
     kvm = _vm(rt, n=1)
     apic = kvm.vcpus[0].arch.apic
     assert apic is not None
-    _call(rt, lapic.kvm_lapic_reg_write, apic, APIC_SPIV, 0xFF)
+    call_settled(rt, lapic.kvm_lapic_reg_write, apic, APIC_SPIV, 0xFF)
     assert lapic.__apic_accept_irq(apic, APIC_DM_FIXED, 0x41, True, 0) == 0
     assert apic.irr == 0
 
@@ -346,7 +328,7 @@ def test_kvm_send_userspace_msi_logical_flat_reaches_the_matching_set(rt: Runtim
     kvm = _vm(rt, n=3)
     for i, v in enumerate(kvm.vcpus):
         assert v.arch.apic is not None
-        _call(rt, lapic.kvm_lapic_reg_write, v.arch.apic, APIC_LDR, (1 << i) << 24)
+        call_settled(rt, lapic.kvm_lapic_reg_write, v.arch.apic, APIC_LDR, (1 << i) << 24)
     assert kvm_send_userspace_msi(kvm, 0xFEE05004, 0x61) == 2  # mask 0b101
     assert [_irr(v) == 1 << 0x61 for v in kvm.vcpus] == [True, False, True]
 

@@ -5,7 +5,6 @@ v5.13 EOI-exit-bitmap bug that hides level EOIs from the IOAPIC under APICv."""
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -40,18 +39,12 @@ from vkick.kvm.kvm_main import kvm_test_request
 from vkick.runtime.sched import PreemptPolicy
 from vkick.runtime.tasks import Runtime
 from vkick.scenario.runner import build_vm, start_vcpus
-from vkick.testing import capture_events
+from vkick.testing import call_settled, capture_events
 
 BASE = 0xFEC00000
 LEVEL = 1 << 15
 FIX = frozenset({"fix-eoi-exitmap-uninitialized"})
 
-
-@pytest.fixture
-def rt() -> Iterator[Runtime]:
-    runtime = Runtime(seed=0)
-    yield runtime
-    runtime.close()
 
 
 def _vm(rt: Runtime, n: int = 1, apicv: bool = False, irqchip: str = "kernel",
@@ -87,16 +80,6 @@ def _efd(rt: Runtime, name: str) -> EventfdCtx:
     return ctx
 
 
-def _call(rt: Runtime, fn: Any, *args: Any) -> Any:
-    async def go() -> Any:
-        r = fn(*args)
-        if hasattr(r, "__await__"):
-            r = await r
-        await rt.wait_quiescent()
-        return r
-
-    return rt.call(go)
-
 
 def _level_pin(kvm: Kvm, gsi: int = 5, pin: int = 5, vector: int = 0x61) -> None:
     kvm_set_irq_routing(kvm, [IrqchipRoute(gsi, KVM_IRQCHIP_IOAPIC, pin)])
@@ -109,14 +92,14 @@ def _level_pin(kvm: Kvm, gsi: int = 5, pin: int = 5, vector: int = 0x61) -> None
 def test_kvm_irqfd_assign_resample_needs_the_full_in_kernel_irqchip(rt: Runtime) -> None:
     """Split irqchip: -EINVAL (kvm_arch_irqfd_allowed); no resamplefd: -EBADF."""
     split = _vm(rt, irqchip="split")
-    assert _call(rt, kvm_irqfd_assign, split, _efd(rt, "a"), 5, KVM_IRQFD_FLAG_RESAMPLE,
+    assert call_settled(rt, kvm_irqfd_assign, split, _efd(rt, "a"), 5, KVM_IRQFD_FLAG_RESAMPLE,
                  _efd(rt, "a.r")) == -errno.EINVAL
-    assert _call(rt, kvm_irqfd_assign, split, _efd(rt, "b"), 5) == 0  # plain irqfd: fine
+    assert call_settled(rt, kvm_irqfd_assign, split, _efd(rt, "b"), 5) == 0  # plain irqfd: fine
     kvm = _vm(rt)
-    assert _call(rt, kvm_irqfd_assign, kvm, _efd(rt, "c"), 5, KVM_IRQFD_FLAG_RESAMPLE) \
+    assert call_settled(rt, kvm_irqfd_assign, kvm, _efd(rt, "c"), 5, KVM_IRQFD_FLAG_RESAMPLE) \
         == -errno.EBADF
     resamplefd = _efd(rt, "d.r")
-    assert _call(rt, kvm_irqfd_assign, kvm, _efd(rt, "d"), 5, KVM_IRQFD_FLAG_RESAMPLE,
+    assert call_settled(rt, kvm_irqfd_assign, kvm, _efd(rt, "d"), 5, KVM_IRQFD_FLAG_RESAMPLE,
                  resamplefd) == 0
     assert resamplefd.kref == 2  # eventfd_ctx_fdget's reference
 
@@ -129,7 +112,7 @@ def test_kvm_irqfd_assign_resample_shares_one_resampler_per_gsi(rt: Runtime) -> 
         v.requests = 0
     a, b, c = (_efd(rt, n) for n in "abc")
     for ctx, gsi in ((a, 5), (b, 5), (c, 6)):
-        assert _call(rt, kvm_irqfd_assign, kvm, ctx, gsi, KVM_IRQFD_FLAG_RESAMPLE,
+        assert call_settled(rt, kvm_irqfd_assign, kvm, ctx, gsi, KVM_IRQFD_FLAG_RESAMPLE,
                      _efd(rt, f"{ctx.name}.r")) == 0
     assert [r.notifier.gsi for r in kvm.resampler_list] == [6, 5]
     assert [n.gsi for n in kvm.irq_ack_notifier_list] == [6, 5]
@@ -142,9 +125,9 @@ def test_kvm_irqfd_assign_resample_busy_undoes_the_resampler_step(rt: Runtime) -
     """-EBUSY (eventfd already used) removes the new resampler and drops the reference."""
     kvm = _vm(rt)
     ctx = _efd(rt, "a")
-    assert _call(rt, kvm_irqfd_assign, kvm, ctx, 4) == 0
+    assert call_settled(rt, kvm_irqfd_assign, kvm, ctx, 4) == 0
     resamplefd = _efd(rt, "a.r")
-    assert _call(rt, kvm_irqfd_assign, kvm, ctx, 5, KVM_IRQFD_FLAG_RESAMPLE,
+    assert call_settled(rt, kvm_irqfd_assign, kvm, ctx, 5, KVM_IRQFD_FLAG_RESAMPLE,
                  resamplefd) == -errno.EBUSY
     assert kvm.resampler_list == [] and kvm.irq_ack_notifier_list == []
     assert resamplefd.kref == 1
@@ -161,10 +144,10 @@ def test_irqfd_inject_with_a_resampler_only_asserts(rt: Runtime) -> None:
     _program(kvm, 5, 0x61 | LEVEL)
     _program(kvm, 6, 0x62 | LEVEL)
     level, plain = _efd(rt, "level"), _efd(rt, "plain")
-    _call(rt, kvm_irqfd_assign, kvm, level, 5, KVM_IRQFD_FLAG_RESAMPLE, _efd(rt, "l.r"))
-    _call(rt, kvm_irqfd_assign, kvm, plain, 6)
-    _call(rt, eventfd_signal, level, 1)
-    _call(rt, eventfd_signal, plain, 1)
+    call_settled(rt, kvm_irqfd_assign, kvm, level, 5, KVM_IRQFD_FLAG_RESAMPLE, _efd(rt, "l.r"))
+    call_settled(rt, kvm_irqfd_assign, kvm, plain, 6)
+    call_settled(rt, eventfd_signal, level, 1)
+    call_settled(rt, eventfd_signal, plain, 1)
     ioapic = _ioapic(kvm)
     assert ioapic.irq_states[5] == 1 << KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID
     assert ioapic.irq_states[6] == 0
@@ -179,8 +162,8 @@ def test_irqfd_resampler_ack_deasserts_once_then_signals_every_resamplefd(
     kvm = _vm(rt)
     _level_pin(kvm)
     ra, rb = _efd(rt, "a.r"), _efd(rt, "b.r")
-    _call(rt, kvm_irqfd_assign, kvm, _efd(rt, "a"), 5, KVM_IRQFD_FLAG_RESAMPLE, ra)
-    _call(rt, kvm_irqfd_assign, kvm, _efd(rt, "b"), 5, KVM_IRQFD_FLAG_RESAMPLE, rb)
+    call_settled(rt, kvm_irqfd_assign, kvm, _efd(rt, "a"), 5, KVM_IRQFD_FLAG_RESAMPLE, ra)
+    call_settled(rt, kvm_irqfd_assign, kvm, _efd(rt, "b"), 5, KVM_IRQFD_FLAG_RESAMPLE, rb)
     kian = kvm.resampler_list[0].notifier
     with capture_events(rt.bus, "kvm_set_irq", "eventfd_signal",
                         "irqfd_resampler_ack") as events:
@@ -205,7 +188,7 @@ def test_kvm_notify_acked_irq_finds_notifiers_through_the_pins_gsi(rt: Runtime) 
         kvm_notify_acked_irq(kvm, KVM_IRQCHIP_IOAPIC, 3)
         kvm_notify_acked_irq(kvm, KVM_IRQCHIP_IOAPIC, 9)
     assert acked == [9] and [e["pin"] for e in events] == [3, 9]
-    _call(rt, kvm_unregister_irq_ack_notifier, kvm, kian)
+    call_settled(rt, kvm_unregister_irq_ack_notifier, kvm, kian)
     kvm_notify_acked_irq(kvm, KVM_IRQCHIP_IOAPIC, 3)
     assert acked == [9]
 
@@ -216,9 +199,9 @@ def test_irqfd_resampler_ack_is_not_reached_from_an_msi_gsi(rt: Runtime) -> None
     kvm = _vm(rt)
     kvm_set_irq_routing(kvm, [MsiRoute(1, 0xFEE00000, 0x41)])
     ctx, resamplefd = _efd(rt, "msi"), _efd(rt, "msi.r")
-    assert _call(rt, kvm_irqfd_assign, kvm, ctx, 1, KVM_IRQFD_FLAG_RESAMPLE, resamplefd) == 0
+    assert call_settled(rt, kvm_irqfd_assign, kvm, ctx, 1, KVM_IRQFD_FLAG_RESAMPLE, resamplefd) == 0
     with capture_events(rt.bus, "irqfd_wakeup") as events:
-        _call(rt, eventfd_signal, ctx, 1)
+        call_settled(rt, eventfd_signal, ctx, 1)
     assert events[0]["r"] == 1 and _apic(kvm).irr == 1 << 0x41
     for pin in range(24):
         kvm_notify_acked_irq(kvm, KVM_IRQCHIP_IOAPIC, pin)
@@ -234,15 +217,15 @@ def test_irqfd_resampler_shutdown_last_irqfd_deasserts_and_unregisters(rt: Runti
     kvm = _vm(rt)
     _level_pin(kvm)
     a, b = _efd(rt, "a"), _efd(rt, "b")
-    _call(rt, kvm_irqfd_assign, kvm, a, 5, KVM_IRQFD_FLAG_RESAMPLE, _efd(rt, "a.r"))
-    _call(rt, kvm_irqfd_assign, kvm, b, 5, KVM_IRQFD_FLAG_RESAMPLE, _efd(rt, "b.r"))
-    _call(rt, eventfd_signal, a, 1)
+    call_settled(rt, kvm_irqfd_assign, kvm, a, 5, KVM_IRQFD_FLAG_RESAMPLE, _efd(rt, "a.r"))
+    call_settled(rt, kvm_irqfd_assign, kvm, b, 5, KVM_IRQFD_FLAG_RESAMPLE, _efd(rt, "b.r"))
+    call_settled(rt, eventfd_signal, a, 1)
     ioapic = _ioapic(kvm)
     assert ioapic.irr == 1 << 5
-    _call(rt, kvm_irqfd_deassign, kvm, a, 5)
+    call_settled(rt, kvm_irqfd_deassign, kvm, a, 5)
     assert ioapic.irr == 1 << 5 and len(kvm.resampler_list) == 1
     assert len(kvm.resampler_list[0].list) == 1
-    _call(rt, kvm_irqfd_deassign, kvm, b, 5)
+    call_settled(rt, kvm_irqfd_deassign, kvm, b, 5)
     assert ioapic.irr == 0 and ioapic.irq_states[5] == 0
     assert kvm.resampler_list == [] and kvm.irq_ack_notifier_list == []
 
@@ -254,7 +237,7 @@ def test_irqfd_shutdown_flushes_a_queued_inject_before_leaving_the_resampler(
     kvm = _vm(rt)
     _level_pin(kvm)
     ctx = _efd(rt, "a")
-    _call(rt, kvm_irqfd_assign, kvm, ctx, 5, KVM_IRQFD_FLAG_RESAMPLE, _efd(rt, "a.r"))
+    call_settled(rt, kvm_irqfd_assign, kvm, ctx, 5, KVM_IRQFD_FLAG_RESAMPLE, _efd(rt, "a.r"))
     with capture_events(rt.bus, "kvm_set_irq") as events:
 
         async def signal_then_deassign() -> None:
