@@ -156,14 +156,10 @@ class DeassignStep(_Model):
     irqfd: str
 
 
-class RouteStep(_Model):
+class RouteStep(Route):
+    """Replace one route (KVM_SET_GSI_ROUTING with the table changed): a route's fields."""
+
     do: Literal["route"]
-    gsi: int = Field(ge=0, lt=4096)
-    type: RouteType = "msi"
-    address: MsiAddress | None = None
-    data: MsiData | None = None
-    irqchip: IrqchipName | None = None
-    pin: Pin | None = None
 
 
 def _check_ioapic_vector(v: int) -> int:
