@@ -137,6 +137,11 @@ class InvariantChecker:
             self._published[key] = rec["used_idx"]
             if rec["used_idx"] != self._consumed.get(key, 0):
                 self._waiting_since.setdefault(key, rec["t"])
+            else:
+                # The guest already took them: it can run ahead of this record, which comes
+                # at the end of the round, after used->idx was published (and after any
+                # W-VQ-notify wait in the round's vhost_signal).
+                self._waiting_since.pop(key, None)
             self._check_stall(key, rec["t"], rec)
         elif ev == "virtnet_poll":
             key = f"{rec['vm']}/{rec['dev']}/{rec['vq']}"
