@@ -95,8 +95,10 @@ def test_every_emitted_event_conforms_to_the_schema() -> None:
         col(rec)
     assert not col.problems, col.problems
     # The scenarios and the configs exercise nearly the whole schema (the IOAPIC's EOI-storm
-    # event needs 10000 back-to-back EOIs: tests/kvm/test_ioapic.py validates it).
-    assert len(col.seen) >= len(EVENTS) - 5, sorted(set(EVENTS) - col.seen)
+    # event needs 10000 back-to-back EOIs: tests/kvm/test_ioapic.py validates it; the guest
+    # refill path needs allocation fault injection: tests/vhost/test_notify_races.py).
+    unseen = set(EVENTS) - col.seen - {"refill_work", "vkick_used_event_stale"}
+    assert len(unseen) <= 5, sorted(unseen)
 
 
 def test_validate_flags_unknown_events_and_wrong_fields() -> None:

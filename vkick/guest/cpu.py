@@ -11,21 +11,34 @@ before the action runs: the EOI write comes first).  Driver code reports the CPU
 used with :meth:`GuestCpu.charge` and its doorbell writes with :meth:`GuestCpu.io_write`;
 after the driver call returns the time is spent first, then the writes execute, then what
 the call queued with :meth:`GuestCpu.run_next`.
+
+Guest code is synchronous, so a race window inside a guest function is a continuation:
+:meth:`GuestCpu.preempt_then` queues the ``("preempt", window)`` instruction (the hardware
+model awaits ``rt.preempt(window)`` there: other CPUs run, the vCPU's next instruction waits)
+and then the rest of the function.  Code of a queue whose home is another vCPU (a NAPI
+instance polled where a work item scheduled it) runs under :func:`run_on`: the time it
+uses and the doorbells it writes are this CPU's.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from vkick.runtime.windows import Window
+
+T = TypeVar("T")
 
 
 class GuestCpu:
     """The guest side of one vCPU."""
 
-    __slots__ = ("actions", "charged_ns", "delivered", "eoi_auto", "eoi_first", "handler_ns",
-                 "handlers", "idle_halt", "idle_halted", "in_softirq", "pending_io", "poke",
-                 "rt", "softirq_handlers", "softirq_pending", "unhalt")
+    __slots__ = ("actions", "charged_ns", "delivered", "eoi_auto", "eoi_first", "front_queued",
+                 "handler_ns", "handlers", "idle_halt", "idle_halted", "in_softirq",
+                 "pending_io", "poke", "rt", "running_on", "softirq_handlers",
+                 "softirq_pending", "softnet", "unhalt")
 
     def __init__(self, rt: Any, *, eoi_auto: bool = True, handler_ns: int = 0,
                  eoi_first: bool = False) -> None:
@@ -46,6 +59,12 @@ class GuestCpu:
         self.softirq_pending = 0
         self.softirq_handlers: dict[int, Callable[[Any], None]] = {}
         self.in_softirq = False
+        self.softnet: Any = None  # this CPU's struct softnet_data (set by SoftnetData)
+        # While code of a queue homed here runs on another CPU (run_on): that CPU.
+        self.running_on: GuestCpu | None = None
+        # Actions ever queued ahead of the rest (run_next): a caller compares it around a
+        # call to see how many the call queued as its own continuation.
+        self.front_queued = 0
 
     def on_interrupt(self, vcpu: Any, vector: int) -> None:
         """The CPU vectored through the IDT: queue the handler ahead of everything else."""
@@ -68,17 +87,35 @@ class GuestCpu:
         self.actions.extendleft(reversed(body))
 
     def charge(self, ns: int) -> None:
-        """Driver code used ``ns`` of CPU time (spent when the current call returns)."""
-        self.charged_ns += ns
+        """Driver code used ``ns`` of CPU time (spent when the current call returns) — on
+        the CPU that runs it (:func:`run_on`)."""
+        (self.running_on or self).charged_ns += ns
 
     def io_write(self, addr: int, val: int) -> None:
         """Driver code writes a device register (a doorbell): the write is the guest's next
-        instruction after the current call's CPU time — a VM exit to the I/O bus."""
-        self.pending_io.append(("mmio", addr, val))
+        instruction after the current call's CPU time — a VM exit to the I/O bus, from the
+        CPU that runs the code (:func:`run_on`)."""
+        (self.running_on or self).pending_io.append(("mmio", addr, val))
+
+    def this_cpu(self) -> GuestCpu:
+        """The CPU running code of a queue homed here: this one, or the one under
+        :func:`run_on`."""
+        return self.running_on or self
+
+    def preempt_then(self, window: Window, then: Callable[[Any], None]) -> bool:
+        """Split the running guest function at preemption window ``window``: queue the
+        window and ``then`` (the rest of the function, a guest call) to run next on this
+        CPU and return True; return False — the caller goes on at once — when the run's
+        policy never preempts (``none``: the window could only ever be empty)."""
+        if not self.rt.preempt_enabled:
+            return False
+        self.run_next(("preempt", window), ("call", then))
+        return True
 
     def run_next(self, *actions: tuple[Any, ...]) -> None:
         """Queue ``actions`` to run before anything already queued (in this order)."""
         self.actions.extendleft(reversed(actions))
+        self.front_queued += len(actions)
 
     def push(self, *action: Any) -> None:
         """Queue a guest instruction; an idle (halted) guest is handed the work."""
@@ -92,3 +129,17 @@ class GuestCpu:
     @property
     def vectors(self) -> list[int]:
         return [v for _, v in self.delivered]
+
+
+def run_on(home: GuestCpu, cpu: GuestCpu, fn: Callable[[], T]) -> T:
+    """``fn()`` — code of a queue homed on ``home`` — running on ``cpu``: the CPU time it
+    charges and the doorbells it writes go to ``cpu`` (in the kernel they simply are that
+    CPU's: ``this_cpu`` is wherever the code runs)."""
+    if home is cpu or home.running_on is cpu:
+        return fn()
+    saved = home.running_on
+    home.running_on = cpu
+    try:
+        return fn()
+    finally:
+        home.running_on = saved

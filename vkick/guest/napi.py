@@ -6,11 +6,13 @@ polls each scheduled instance with its weight, within a budget of ``netdev_budge
 per softirq run.  A poll that used less than its weight completes (``napi_complete_done``)
 and the driver re-enables interrupts; one that used all of it stays scheduled and is polled
 again.  Covered: napi_schedule_prep, __napi_schedule, napi_complete_done, napi_poll,
-net_rx_action, napi_enable, local_bh_enable.  Left out: GRO, busy polling, threaded NAPI,
-``napi_defer_hard_irqs`` / ``gro_flush_timeout`` (0 by default), the 2-jiffy time limit.
+net_rx_action, napi_enable, napi_disable, local_bh_enable.  Left out: GRO, busy polling,
+threaded NAPI, netpoll (NPSVC), ``napi_defer_hard_irqs`` / ``gro_flush_timeout`` (0 by
+default), the 2-jiffy time limit.
 
-Each :class:`NapiStruct` belongs to the softnet data of the (guest) CPU its interrupt is
-affine to, so "this CPU" in ``__napi_schedule`` is ``napi.sd``.
+``__napi_schedule`` lists an instance on the softnet data of the CPU that schedules it (the
+CPU taking its interrupt, or the one running a work item that re-enables it), so
+``napi.sd`` is the CPU whose poll list holds it — and so the CPU its poll runs on.
 """
 
 from __future__ import annotations
@@ -39,16 +41,23 @@ class SoftnetData:
     time_squeeze: int = 0
     step: Any = None  # the continuation action, built once
 
+    def __post_init__(self) -> None:
+        self.guest.softnet = self  # per_cpu(softnet_data, cpu)
+
 
 @dataclass(slots=True, eq=False)
 class NapiStruct:
-    """include/linux/netdevice.h: struct napi_struct (state bits SCHED and MISSED)."""
+    """include/linux/netdevice.h: struct napi_struct (state bits SCHED, MISSED, DISABLE).
+
+    ``sd``: the softnet data whose poll list holds the instance (or last held it).
+    """
 
     poll: Callable[[NapiStruct, int], int]
     sd: SoftnetData
     weight: int = NAPI_POLL_WEIGHT
     sched: bool = False  # NAPI_STATE_SCHED
     missed: bool = False  # NAPI_STATE_MISSED
+    disable: bool = False  # NAPI_STATE_DISABLE (napi_disable waits for SCHED)
     on_list: bool = False  # on a poll list (napi->poll_list not empty)
     name: str = ""
     owner: Any = None  # the driver queue (container_of(napi, struct receive_queue, napi))
@@ -59,7 +68,10 @@ class NapiStruct:
 
 def napi_schedule_prep(n: NapiStruct) -> bool:
     """net/core/dev.c: napi_schedule_prep — set SCHED; if it was already set, set MISSED
-    instead (the running poll will run once more) and return False."""
+    instead (the running poll will run once more) and return False.  While napi_disable
+    waits (DISABLE), nobody may schedule: False."""
+    if n.disable:
+        return False
     if n.sched:
         n.missed = True
         return False
@@ -67,11 +79,12 @@ def napi_schedule_prep(n: NapiStruct) -> bool:
     return True
 
 
-def __napi_schedule(n: NapiStruct) -> None:
-    """net/core/dev.c: __napi_schedule — add to this CPU's poll list, raise NET_RX."""
-    sd = n.sd
+def __napi_schedule(n: NapiStruct, sd: SoftnetData) -> None:
+    """net/core/dev.c: __napi_schedule — add to this CPU's poll list (``sd``: the softnet
+    data of the CPU running the caller), raise NET_RX there."""
     if not n.on_list:
         n.on_list = True
+        n.sd = sd
         sd.poll_list.append(n)
     raise_softirq_irqoff(sd.guest, NET_RX_SOFTIRQ)
 
@@ -79,14 +92,15 @@ def __napi_schedule(n: NapiStruct) -> None:
 def napi_complete_done(n: NapiStruct, work_done: int) -> bool:
     """net/core/dev.c: napi_complete_done → False if the instance must be polled again.
 
-    Clear SCHED — unless MISSED was set meanwhile: then stay scheduled and reschedule.
+    Clear SCHED — unless MISSED was set meanwhile: then stay scheduled and reschedule (on
+    this CPU: the one running the poll).
     """
     if n.on_list:
         n.on_list = False
         _unlink(n)
     if n.missed:
         n.missed = False
-        __napi_schedule(n)
+        __napi_schedule(n, n.sd)
         return False
     n.sched = False
     return True
@@ -127,29 +141,53 @@ def net_rx_action(vcpu: Any, sd: SoftnetData) -> None:
 
 
 def _net_rx_step(vcpu: Any, sd: SoftnetData) -> None:
-    if sd.running:
+    guest = sd.guest
+    if sd.running and sd.budget > 0:
         n = sd.running.pop(0)
+        queued = guest.front_queued
         sd.budget -= napi_poll(n, sd.repoll)
-        if sd.budget > 0:
-            if sd.step is None:
-                sd.step = ("call", lambda v: _net_rx_step(v, sd))
-            sd.guest.run_next(sd.step)
+        queued = guest.front_queued - queued
+        if sd.step is None:
+            sd.step = ("call", lambda v: _net_rx_step(v, sd))
+        if queued:
+            # The poll goes on after a preemption window (GuestCpu.preempt_then): the next
+            # step (which re-checks the budget) waits until it has finished.
+            guest.actions.insert(queued, sd.step)
+            guest.front_queued += 1
             return
+        if sd.budget > 0:
+            guest.run_next(sd.step)
+            return
+    if sd.budget <= 0:
         sd.time_squeeze += 1
     remaining = sd.running + list(sd.poll_list) + sd.repoll
     sd.running = []
     sd.repoll = []
     sd.poll_list = deque(remaining)
     if remaining:
-        raise_softirq_irqoff(sd.guest, NET_RX_SOFTIRQ)
+        raise_softirq_irqoff(guest, NET_RX_SOFTIRQ)
     softirq_done(vcpu)
 
 
 def napi_enable(n: NapiStruct) -> None:
-    """include/linux/netdevice.h: napi_enable — the instance may be scheduled (clears the
-    SCHED bit napi_disable / netif_napi_add leave set)."""
+    """net/core/dev.c: napi_enable — the instance may be scheduled again: clear the SCHED
+    bit that napi_disable took (or netif_napi_add left set)."""
     n.sched = False
-    n.missed = False
+
+
+def napi_disable(n: NapiStruct) -> bool:
+    """net/core/dev.c: napi_disable — stop the instance: set DISABLE (nobody may schedule
+    it now), then take SCHED; True once taken (DISABLE cleared again)  [guest process]
+
+    Differs from the kernel: one attempt per call.  False: a poll holds SCHED, the caller
+    must ``msleep(1)`` and call again (DISABLE stays set meanwhile, as in the kernel's loop).
+    """
+    n.disable = True
+    if n.sched:
+        return False
+    n.sched = True
+    n.disable = False
+    return True
 
 
 def local_bh_enable(vcpu: Any) -> None:

@@ -9,9 +9,23 @@ time is charged to that vCPU (``GuestCpu.charge``) from the costs in :class:`Vir
 v5.13 is the 5.12.9 form of the TX path (checked against the v5.13-era hinlin tree):
 ``start_xmit`` frees old buffers and, with napi_tx, re-enables the TX callback *delayed*;
 ``virtnet_poll_tx`` frees and then ``virtqueue_napi_complete``s; the 5.14 "disable cb
-aggressively" loop is not there.  Mergeable RX buffers of ``rx_buf_len`` bytes; a packet
-longer than one buffer takes ``num_buffers`` of them.  Left out: XDP, GSO, the control vq,
-the refill delayed work (buffers never run out: no OOM), big/small buffer modes.
+aggressively" loop is not there.  Mergeable RX buffers of ``rx_buf_len`` bytes, carved from
+the queue's page fragment; a packet longer than one buffer takes ``num_buffers`` of them.
+When an atomic refill runs out of memory (only by fault injection: ``vi.fail_page_alloc``)
+the refill delayed work (``refill_work``) refills every queue from the CPU that scheduled
+it: it stops each queue's NAPI (napi_disable), refills, and re-enables and schedules NAPI
+there — so a queue's poll may run on another vCPU than its interrupt's.  Left out: XDP,
+GSO, the control vq, big/small buffer modes.
+
+Re-enabling a queue's interrupt loads ``last_used_idx`` and then stores ``used_event``;
+W-GUEST-enable-cb lies between the two.  v5.13 does it while NAPI is still scheduled
+(SCHED: the implicit NAPI lock), so nobody else can take buffers there.  Toggle
+``bug-guest-enable-cb-outside-napi`` (research/bugs.md #15, fixed by cbdadbbf0c79 in
+v3.11) restores the pre-3.11 order — napi_complete first, then the re-enable — in which
+another CPU can poll the queue inside the window and store a newer ``used_event``: a
+refill_work that takes SCHED there, or, when the poll in the window is a refill_work's, the
+queue's own vCPU scheduled by its interrupt.  The window's end then moves ``used_event``
+backwards, the device's next notifications all miss it and the queue stalls (spec §17.17).
 """
 
 from __future__ import annotations
@@ -21,28 +35,36 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from vkick.guest.cpu import GuestCpu, run_on
 from vkick.guest.napi import (
     NapiStruct,
     SoftnetData,
     __napi_schedule,
     local_bh_enable,
     napi_complete_done,
+    napi_disable,
     napi_enable,
     napi_schedule_prep,
 )
+from vkick.guest.page_alloc import GFP_ATOMIC, GFP_KERNEL, FailPageAlloc
+from vkick.guest.sock import PageFrag, skb_page_frag_refill
+from vkick.guest.timer import HZ, msleep
 from vkick.guest.virtio_ring import (
     VringVirtqueue,
+    enable_cb_prepare_load,
+    enable_cb_prepare_store,
+    more_used_split,
     virtqueue_add_inbuf,
     virtqueue_add_outbuf,
     virtqueue_disable_cb,
     virtqueue_enable_cb_delayed,
-    virtqueue_enable_cb_prepare,
     virtqueue_get_buf,
     virtqueue_kick_prepare,
     virtqueue_notify,
     virtqueue_poll,
     vring_interrupt,
 )
+from vkick.guest.workqueue import DelayedWork, schedule_delayed_work
 from vkick.kernel.skbuff import SkBuff
 
 MAX_SKB_FRAGS: Final = 17  # 65536 / PAGE_SIZE + 1
@@ -50,6 +72,9 @@ TX_QUEUE_LEN: Final = 1000  # the qdisc limit (dev->tx_queue_len)
 VNET_HDR_LEN: Final = 12  # struct virtio_net_hdr_mrg_rxbuf
 NET_XMIT_SUCCESS: Final = 0
 NET_XMIT_DROP: Final = 1
+ENOMEM: Final = 12
+# research/bugs.md #15: the RX re-enable after napi_complete (fixed by cbdadbbf0c79, v3.11).
+ENABLE_CB_OUTSIDE_NAPI_TOGGLE: Final = "bug-guest-enable-cb-outside-napi"
 
 
 @dataclass(slots=True)
@@ -77,6 +102,8 @@ class ReceiveQueue:
     kicks: int = 0
     polls: int = 0
     buf_seq: int = 0  # receive buffer tokens
+    alloc_frag: PageFrag = field(default_factory=PageFrag)  # rq->alloc_frag
+    oom: int = 0  # atomic refills that ran out of memory
 
 
 @dataclass(slots=True, eq=False)
@@ -103,7 +130,9 @@ class VirtnetInfo:
     """drivers/net/virtio_net.c: struct virtnet_info.
 
     ``on_receive(rq, skb)`` is the guest stack above the driver (napi_gro_receive → the
-    application); ``on_complete(sq, skb)`` sees each freed TX packet.
+    application); ``on_complete(sq, skb)`` sees each freed TX packet.  ``toggles``: the
+    VM's bug toggles; ``fail_page_alloc``: the guest's page-allocation fault injection
+    (Differs from the kernel: per device — vkick has no guest-wide memory manager).
     """
 
     name: str
@@ -117,34 +146,114 @@ class VirtnetInfo:
     on_receive: Callable[[ReceiveQueue, SkBuff], None] | None = None
     on_complete: Callable[[SendQueue, SkBuff], None] | None = None
     bus: Any = None  # the run's event bus
+    toggles: frozenset[str] = frozenset()
+    fail_page_alloc: FailPageAlloc | None = None
+    refill: DelayedWork = field(init=False)  # vi->refill
+
+    def __post_init__(self) -> None:
+        self.refill = DelayedWork(refill_work, self)
 
 
 # ------------------------------------------------------------------------ NAPI glue
 
 
-def virtqueue_napi_schedule(napi: NapiStruct, vq: VringVirtqueue) -> None:
-    """drivers/net/virtio_net.c: virtqueue_napi_schedule — mask the vq, schedule NAPI."""
+def virtqueue_napi_schedule(napi: NapiStruct, vq: VringVirtqueue, sd: SoftnetData) -> None:
+    """drivers/net/virtio_net.c: virtqueue_napi_schedule — mask the vq, schedule NAPI on
+    this CPU (``sd``: the softnet data of the CPU running the caller)."""
     if napi_schedule_prep(napi):
         virtqueue_disable_cb(vq)
-        __napi_schedule(napi)
+        __napi_schedule(napi, sd)
 
 
 def virtqueue_napi_complete(napi: NapiStruct, vq: VringVirtqueue, processed: int) -> None:
     """drivers/net/virtio_net.c: virtqueue_napi_complete — re-enable the vq's interrupt,
     complete NAPI, and poll again if the device used more meanwhile (spec §16.9: the
-    prepare writes ``used_event``, virtqueue_poll's full barrier precedes the re-read)."""
-    opaque = virtqueue_enable_cb_prepare(vq)
+    prepare writes ``used_event``, virtqueue_poll's full barrier precedes the re-read).
+
+    The prepare runs while this poll still owns SCHED (cbdadbbf0c79): in W-GUEST-enable-cb
+    no other CPU can take the vq's buffers — its napi_disable waits, its interrupt only
+    sets MISSED — so the ``used_event`` stored is the newest.
+    """
+    sd = napi.sd  # this CPU's: the poll runs where its poll list is
+    opaque = enable_cb_prepare_load(vq)
+    # W-GUEST-enable-cb: last_used_idx loaded ↔ used_event stored (prepare, SCHED held).
+    # The device may publish more used buffers meanwhile; the re-check below sees them.
+    if not sd.guest.preempt_then("W-GUEST-enable-cb", lambda vcpu: run_on(
+            napi.owner.guest, vcpu.guest,
+            lambda: _napi_complete_rest(napi, vq, processed, opaque, sd))):
+        _napi_complete_rest(napi, vq, processed, opaque, sd)
+
+
+def _napi_complete_rest(napi: NapiStruct, vq: VringVirtqueue, processed: int, opaque: int,
+                        sd: SoftnetData) -> None:
+    """virtqueue_napi_complete from the store of ``used_event`` on (``sd``: this CPU's)."""
+    _check_used_event(vq, opaque)
+    enable_cb_prepare_store(vq, opaque)
     if napi_complete_done(napi, processed):
         if virtqueue_poll(vq, opaque):
-            virtqueue_napi_schedule(napi, vq)
+            virtqueue_napi_schedule(napi, vq, sd)
     else:
         virtqueue_disable_cb(vq)
+
+
+def _check_used_event(vq: VringVirtqueue, used_event: int) -> None:
+    """vkick: the ``used_event`` about to be stored lags the vq's ``last_used_idx`` — another
+    CPU took buffers since it was loaded, so the event index moves backwards (bug #15)."""
+    if used_event == vq.last_used_idx:
+        return
+    owner = vq.owner
+    bus = owner.vi.bus if owner is not None else None
+    if bus is not None and bus.on:
+        bus.emit("vkick_used_event_stale", vm=owner.vi.vm, dev=owner.vi.name, vq=vq.name,
+                 used_event=used_event, last_used_idx=vq.last_used_idx)
+
+
+def virtnet_poll_complete_pre_3_11(napi: NapiStruct, vq: VringVirtqueue,
+                                   processed: int) -> None:
+    """drivers/net/virtio_net.c: virtnet_poll's completion before cbdadbbf0c79 (v3.11)
+    [guest softirq]  (toggle ``bug-guest-enable-cb-outside-napi``, research/bugs.md #15)
+
+    napi_complete first — SCHED is clear, anyone may schedule or disable the instance —
+    then v3.10's virtqueue_enable_cb: clear the flag, load ``last_used_idx``, store
+    ``used_event``, virtio_mb, and poll again if more_used, which re-reads the *current*
+    ``last_used_idx``.  A refill_work on another CPU that takes SCHED in W-GUEST-enable-cb
+    and polls the vq stores a newer ``used_event`` that this store then moves backwards;
+    more_used, seeing that CPU's ``last_used_idx``, finds nothing to do: the interrupt for
+    the next buffer is never sent.
+    Differs from the kernel: 3.10's ``goto again`` (poll once more inside this call) is
+    v5.13's reschedule; napi_complete is v5.13's napi_complete_done (MISSED: stays
+    scheduled, callbacks stay off).
+    """
+    sd = napi.sd  # this CPU's (before napi_complete: another CPU may list it from now)
+    if not napi_complete_done(napi, processed):
+        return
+    last_used_idx = enable_cb_prepare_load(vq)
+    # W-GUEST-enable-cb: last_used_idx loaded ↔ used_event stored, with SCHED clear: a
+    # refill_work on another CPU may napi_disable, refill, poll the vq and store a newer
+    # used_event here; so may a poll on the queue's own vCPU, scheduled by its interrupt,
+    # when this poll is the refill_work's.
+    if not sd.guest.preempt_then("W-GUEST-enable-cb", lambda vcpu: run_on(
+            napi.owner.guest, vcpu.guest,
+            lambda: _enable_cb_pre_3_11_rest(napi, vq, last_used_idx, sd))):
+        _enable_cb_pre_3_11_rest(napi, vq, last_used_idx, sd)
+
+
+def _enable_cb_pre_3_11_rest(napi: NapiStruct, vq: VringVirtqueue, last_used_idx: int,
+                             sd: SoftnetData) -> None:
+    """v3.10 virtqueue_enable_cb from the store on, and virtnet_poll's reschedule on this
+    CPU (``sd``)."""
+    _check_used_event(vq, last_used_idx)
+    enable_cb_prepare_store(vq, last_used_idx)
+    # virtio_mb; more_used: the vq's last_used_idx now, not the one loaded above.
+    if more_used_split(vq):
+        virtqueue_napi_schedule(napi, vq, sd)
 
 
 def skb_recv_done(rvq: VringVirtqueue) -> None:
     """drivers/net/virtio_net.c: skb_recv_done — the RX vq's callback  [guest hardirq]"""
     rq: ReceiveQueue = rvq.owner
-    virtqueue_napi_schedule(rq.napi, rvq)
+    # The vector is affine to rq.guest's vCPU (its handler is registered only there).
+    virtqueue_napi_schedule(rq.napi, rvq, rq.guest.softnet)
 
 
 def skb_xmit_done(vq: VringVirtqueue) -> None:
@@ -155,7 +264,7 @@ def skb_xmit_done(vq: VringVirtqueue) -> None:
     sq: SendQueue = vq.owner
     virtqueue_disable_cb(vq)
     if sq.napi.weight:
-        virtqueue_napi_schedule(sq.napi, vq)
+        virtqueue_napi_schedule(sq.napi, vq, sq.guest.softnet)
     else:
         netif_tx_wake_queue(sq)
 
@@ -163,26 +272,72 @@ def skb_xmit_done(vq: VringVirtqueue) -> None:
 # ------------------------------------------------------------------------ receive
 
 
-def add_recvbuf_mergeable(vi: VirtnetInfo, rq: ReceiveQueue) -> int:
-    """drivers/net/virtio_net.c: add_recvbuf_mergeable — post one receive buffer."""
+def add_recvbuf_mergeable(vi: VirtnetInfo, rq: ReceiveQueue, gfp: int = GFP_KERNEL) -> int:
+    """drivers/net/virtio_net.c: add_recvbuf_mergeable — post one receive buffer carved
+    from the queue's page fragment: 0, -ENOMEM (no page), or -ENOSPC (ring full).
+
+    Differs from the kernel: the buffer length is ``rx_buf_len`` (no EWMA sizing, no XDP
+    headroom, the page's tail hole is not added to the last buffer).
+    """
+    length = vi.rx_buf_len
+    frag = rq.alloc_frag
+    if not skb_page_frag_refill(length, frag, gfp, vi.fail_page_alloc):
+        return -ENOMEM
     rq.buf_seq += 1
-    err = virtqueue_add_inbuf(rq.vq, rq.buf_seq, vi.rx_buf_len)
+    err = virtqueue_add_inbuf(rq.vq, rq.buf_seq, length)
     if not err:
+        frag.offset += length
         rq.guest.charge(vi.costs.refill_ns)
     return err
 
 
-def try_fill_recv(vi: VirtnetInfo, rq: ReceiveQueue) -> bool:
+def try_fill_recv(vi: VirtnetInfo, rq: ReceiveQueue, gfp: int = GFP_KERNEL) -> bool:
     """drivers/net/virtio_net.c: try_fill_recv — fill the RX ring, then kick if the device
-    asked for it.  True (no OOM in this model)."""
+    asked for it.  False if a buffer could not be allocated (out of memory)."""
+    oom = False
     while True:
-        if add_recvbuf_mergeable(vi, rq):
+        err = add_recvbuf_mergeable(vi, rq, gfp)
+        oom = err == -ENOMEM
+        if err:
             break
         if not rq.vq.num_free:
             break
     if virtqueue_kick_prepare(rq.vq) and virtqueue_notify(rq.vq):
         rq.kicks += 1
-    return True
+    return not oom
+
+
+def refill_work(work: DelayedWork, vcpu: Any) -> None:
+    """drivers/net/virtio_net.c: refill_work — refill every queue pair's RX ring after an
+    atomic refill ran out of memory  [guest process: kworker]
+
+    For each queue: napi_disable (wait until no poll runs, and keep new ones off), fill
+    with GFP_KERNEL, virtnet_napi_enable — which schedules the queue's NAPI on *this* CPU
+    and runs it at local_bh_enable.  A queue left empty tries again in HZ/2.
+    Differs from the kernel: each queue is one guest step, the next one queued behind the
+    CPU's other work (the kworker thread continues after the softirq it ran).
+    """
+    _refill_queue(work.owner, 0, vcpu)
+
+
+def _refill_queue(vi: VirtnetInfo, i: int, vcpu: Any) -> None:
+    """refill_work's loop body for queue ``i``, then its continuation for ``i + 1``."""
+    cpu: GuestCpu = vcpu.guest
+    rq = vi.rq[i]
+    got = napi_disable(rq.napi)
+    bus = vi.bus
+    if bus is not None and bus.on:
+        bus.emit("refill_work", vm=vi.vm, dev=vi.name, vq=rq.vq.name, vcpu=vcpu.vcpu_id,
+                 busy=not got)
+    if not got:  # a poll holds SCHED: msleep(1) and try again
+        msleep(cpu, 1, lambda v: _refill_queue(vi, i, v))
+        return
+    still_empty = not run_on(rq.guest, cpu, lambda: try_fill_recv(vi, rq, GFP_KERNEL))
+    virtnet_napi_enable(rq.vq, rq.napi, vcpu)
+    if still_empty:
+        schedule_delayed_work(vi.refill, HZ // 2, cpu)
+    if i + 1 < len(vi.rq):
+        cpu.push("call", lambda v: _refill_queue(vi, i + 1, v))
 
 
 def receive_buf(vi: VirtnetInfo, rq: ReceiveQueue, data: Any, length: int) -> None:
@@ -217,8 +372,9 @@ def virtnet_receive(rq: ReceiveQueue, budget: int) -> int:
             break
         receive_buf(vi, rq, got[0], got[1])
         packets += 1
-    if vq.num_free > min(budget, vq.ring.num) // 2:
-        try_fill_recv(vi, rq)
+    if vq.num_free > min(budget, vq.ring.num) // 2 and not try_fill_recv(vi, rq, GFP_ATOMIC):
+        rq.oom += 1
+        schedule_delayed_work(vi.refill, 0, rq.guest.this_cpu())
     return packets
 
 
@@ -245,15 +401,22 @@ def virtnet_poll(napi: NapiStruct, budget: int) -> int:
     """drivers/net/virtio_net.c: virtnet_poll — the RX NAPI poll  [guest softirq]
 
     Reclaim this pair's TX buffers, receive up to ``budget``, and complete (re-enabling the
-    RX interrupt) when the ring ran dry before the budget.
+    RX interrupt) when the ring ran dry before the budget.  The poll runs on the CPU whose
+    poll list held the instance (``napi.sd``), its queue's vCPU or a refill_work's.
     """
     rq: ReceiveQueue = napi.owner
+    cpu = napi.sd.guest
+    if cpu is not rq.guest and rq.guest.running_on is not cpu:
+        return run_on(rq.guest, cpu, lambda: virtnet_poll(napi, budget))
     rq.polls += 1
     virtnet_poll_cleantx(rq)
     rq.guest.charge(rq.vi.costs.napi_poll_ns)
     received = virtnet_receive(rq, budget)
     if received < budget:
-        virtqueue_napi_complete(napi, rq.vq, received)
+        if ENABLE_CB_OUTSIDE_NAPI_TOGGLE in rq.vi.toggles:
+            virtnet_poll_complete_pre_3_11(napi, rq.vq, received)
+        else:
+            virtqueue_napi_complete(napi, rq.vq, received)
     bus = rq.vi.bus
     if bus is not None and bus.on:
         bus.emit("virtnet_poll", vm=rq.vi.vm, dev=rq.vi.name, vq=rq.vq.name, pkts=received,
@@ -282,7 +445,8 @@ def free_old_xmit_skbs(sq: SendQueue, in_napi: bool) -> int:
 
 def virtnet_poll_cleantx(rq: ReceiveQueue) -> None:
     """drivers/net/virtio_net.c: virtnet_poll_cleantx — with napi_tx, the RX poll frees its
-    pair's TX buffers too (the TX lock is never contended here: one vCPU per pair)."""
+    pair's TX buffers too (under __netif_tx_trylock, which always succeeds here: guest
+    steps are atomic, so no other CPU is inside start_xmit)."""
     sq = rq.vi.sq[rq.index]
     if not sq.napi.weight:
         return
@@ -372,10 +536,11 @@ def qdisc_run(sq: SendQueue) -> None:
 
 
 def virtnet_napi_enable(vq: VringVirtqueue, napi: NapiStruct, vcpu: Any) -> None:
-    """drivers/net/virtio_net.c: virtnet_napi_enable — enable, then schedule once with BHs
-    off: buffers the device filled before NAPI was enabled raise no interrupt."""
+    """drivers/net/virtio_net.c: virtnet_napi_enable — enable, then schedule once on this
+    CPU (``vcpu``'s) with BHs off: buffers the device filled before NAPI was enabled raise
+    no interrupt."""
     napi_enable(napi)
-    virtqueue_napi_schedule(napi, vq)
+    virtqueue_napi_schedule(napi, vq, vcpu.guest.softnet)
     local_bh_enable(vcpu)
 
 
@@ -383,7 +548,8 @@ def virtnet_open(vi: VirtnetInfo, vcpus: list[Any]) -> None:
     """drivers/net/virtio_net.c: virtnet_open — fill every RX ring, enable the NAPIs (the
     TX one only with napi_tx)  [guest process, on each queue's vCPU]."""
     for i, rq in enumerate(vi.rq):
-        try_fill_recv(vi, rq)
+        if not try_fill_recv(vi, rq, GFP_KERNEL):  # out of memory: let the work refill
+            schedule_delayed_work(vi.refill, 0, vcpus[i].guest)
         virtnet_napi_enable(rq.vq, rq.napi, vcpus[i])
         sq = vi.sq[i]
         if sq.napi.weight:

@@ -187,13 +187,27 @@ def virtqueue_enable_cb_prepare(vq: VringVirtqueue) -> int:
     """virtio_ring.c: virtqueue_enable_cb_prepare_split → the index to poll against.
 
     Clear the flag (written without event idx) and always point ``used_event`` at
-    ``last_used_idx``: "interrupt me for the next used buffer".
+    ``last_used_idx``: "interrupt me for the next used buffer".  The load of
+    ``last_used_idx`` and the store of ``used_event`` are two steps
+    (:func:`enable_cb_prepare_load`, :func:`enable_cb_prepare_store`); a caller that lets
+    another CPU run between them (W-GUEST-enable-cb) calls the two itself.
     """
+    return enable_cb_prepare_store(vq, enable_cb_prepare_load(vq))
+
+
+def enable_cb_prepare_load(vq: VringVirtqueue) -> int:
+    """virtqueue_enable_cb_prepare_split up to the load of ``last_used_idx`` (the flag is
+    cleared first, as there)."""
     if vq.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
         vq.avail_flags_shadow &= ~VRING_AVAIL_F_NO_INTERRUPT
         if not vq.event:
             vq.ring.avail_flags = vq.avail_flags_shadow
-    last_used_idx = vq.last_used_idx
+    return vq.last_used_idx
+
+
+def enable_cb_prepare_store(vq: VringVirtqueue, last_used_idx: int) -> int:
+    """virtqueue_enable_cb_prepare_split from the store on: ``used_event`` = the index
+    loaded before (which another CPU's consumption may have overtaken since)."""
     vq.ring.used_event = last_used_idx
     return last_used_idx
 

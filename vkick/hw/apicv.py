@@ -269,6 +269,12 @@ async def vmx_vcpu_run(vcpu: Any, pcpu: PhysicalCpu, immediate_exit: bool = Fals
             return (EXIT_MSR_WRITE, action[1], action[2])
         elif op == "mmio":
             return (EXIT_IO_INSTRUCTION, action[1], action[2])
+        elif op == "preempt":
+            # A preemption window inside guest code (GuestCpu.preempt_then): the guest
+            # function that queued it is between two of its steps, its rest is the next
+            # action.  Other CPUs run here; an interrupt arriving meanwhile is taken at the
+            # instruction boundary after it (the guest has IF as it had).
+            await vcpu.kvm.rt.preempt(action[1])
         elif op == "call":
             action[1](vcpu)
             pending_io = guest.pending_io

@@ -64,6 +64,16 @@ EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in (
         ("pkts", "int", "packets received"),
         ("last_used_idx", "int", "the driver's last_used_idx after the poll"),
         ("complete", "bool", "NAPI completed (RX interrupts re-enabled)")),
+    _ev("refill_work", "debug", "drivers/net/virtio_net.c refill_work: the guest's refill "
+        "work tries to stop one RX queue's NAPI (napi_disable) to refill it", VM,
+        ("dev", "str", "device"), ("vq", "str", "virtqueue"),
+        ("vcpu", "int", "vCPU running the work (its kworker)"),
+        ("busy", "bool", "a poll held NAPI: the work sleeps and tries again")),
+    _ev("vkick_used_event_stale", "info", "the guest stores a used_event behind its vq's "
+        "last_used_idx: another CPU took buffers since it was loaded (research/bugs.md #15)",
+        VM, ("dev", "str", "device"), ("vq", "str", "virtqueue"),
+        ("used_event", "int", "the index stored"),
+        ("last_used_idx", "int", "the vq's last_used_idx at the store")),
     _ev("vkick_rr", "info", "a request/response exchange completed in the guest", VM, VCPU,
         ("dev", "str", "device"), ("vq", "str", "virtqueue"),
         ("rtt_ns", "int", "request sent → response received")),

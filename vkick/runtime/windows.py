@@ -23,7 +23,7 @@ Window = Literal[
     "W-SEQ-copy",  # seqcount begin ↔ retry check
     "W-VQ-notify",  # used idx published + barrier ↔ used_event read
     "W-VQ-enable",  # vhost_enable_notify write ↔ avail idx re-read
-    "W-GUEST-enable-cb",  # guest writes used_event ↔ re-reads used->idx (bug #15)
+    "W-GUEST-enable-cb",  # guest loads last_used_idx ↔ stores used_event (bug #15)
     "W-IRQFD-assign",  # irqfd linked ↔ poll entry added (bug #12a)
     "W-IRQFD-bypass",  # eventfd polled ↔ irq bypass consumer registered (bugs #12a, #12b)
     "W-MAP-recalc",  # APIC map sized ↔ filled, and between APICs read (bugs #10, #11)

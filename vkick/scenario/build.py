@@ -198,7 +198,7 @@ async def _build_vm(rt: Runtime, hw: HwHost, name: str, cfg: VmConfig,
                 tx_packet_ns=g.tx_packet_ns, tx_reclaim_ns=g.tx_reclaim_ns,
                 refill_ns=g.refill_ns), rx_buf_len=g.rx_buf_len, napi_tx=g.napi_tx,
                 napi_weight=g.napi_weight,
-                on_receive=on_guest_rx, bus=rt.bus)
+                on_receive=on_guest_rx, bus=rt.bus, toggles=kvm.toggles)
             dev = vm.nets[net_cfg.name] = NetDevice(net_cfg.name, vi)
         vm_queue = await _build_queue_pair(rt, vm, dev, ni, q, vcpu=kvm.vcpus[vcpu_idx],
                                            sd=softnet[vcpu_idx], rxv=rxv, txv=txv, gsi=gsi)
