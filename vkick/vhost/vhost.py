@@ -171,6 +171,11 @@ async def vhost_signal(vq: VhostVirtqueue, rt: Runtime | None = None) -> bool:
     ctx = vq.call_ctx
     runtime = rt if rt is not None else (vq.dev.rt if vq.dev is not None else
                                          ctx.rt if ctx is not None else None)
+    if ctx is None and vq.used_idx_store >= 0:
+        # vhost-notify-no-barrier: no load follows to be reordered with the buffered
+        # used->idx store; it drains (becomes visible) on its own.
+        vq.ring.used_idx = vq.used_idx_store
+        vq.used_idx_store = -1
     if ctx is None or not await vhost_notify(vq):
         vq.stats["suppressed"] += 1
         if runtime is not None and runtime.bus.on:
