@@ -29,7 +29,8 @@ from vkick.runtime.tasks import Runtime
 
 
 @pytest.fixture
-def rt() -> Iterator[Runtime]:
+def rt_random() -> Iterator[Runtime]:
+    """A runtime whose policy may preempt (GuestCpu.preempt_then splits only then)."""
     runtime = Runtime(policy=PreemptPolicy.random())
     yield runtime
     runtime.close()
@@ -73,10 +74,10 @@ def _napi(sd: SoftnetData, poll: Any = None) -> NapiStruct:
     return NapiStruct(poll or (lambda n, budget: 0), sd)
 
 
-def test_napi_disable_keeps_schedulers_off_until_it_takes_sched(rt: Runtime) -> None:
+def test_napi_disable_keeps_schedulers_off_until_it_takes_sched(rt_random: Runtime) -> None:
     """A busy instance makes napi_disable wait with DISABLE set: no one may schedule it
     (not even MISSED) until napi_disable has SCHED and napi_enable releases it."""
-    n = _napi(SoftnetData(GuestCpu(rt)))
+    n = _napi(SoftnetData(GuestCpu(rt_random)))
     assert napi_schedule_prep(n)  # a poll runs
     assert not napi_disable(n)
     assert not napi_schedule_prep(n) and not n.missed
@@ -87,10 +88,10 @@ def test_napi_disable_keeps_schedulers_off_until_it_takes_sched(rt: Runtime) -> 
     assert napi_schedule_prep(n)
 
 
-def test_schedule_delayed_work_does_not_queue_a_pending_work_twice(rt: Runtime) -> None:
+def test_schedule_delayed_work_does_not_queue_a_pending_work_twice(rt_random: Runtime) -> None:
     """A pending work is queued once on the calling CPU; it may be queued again once it
     started running (PENDING is cleared first)."""
-    cpu = GuestCpu(rt)
+    cpu = GuestCpu(rt_random)
     ran: list[Any] = []
     work = DelayedWork(lambda w, vcpu: ran.append(vcpu))
     assert schedule_delayed_work(work, 0, cpu)
@@ -118,10 +119,10 @@ def _run_calls(cpu: GuestCpu, vcpu: _Vcpu) -> list[str]:
     return seen
 
 
-def test_net_rx_action_waits_for_a_polls_continuation(rt: Runtime) -> None:
+def test_net_rx_action_waits_for_a_polls_continuation(rt_random: Runtime) -> None:
     """A poll that goes on after a preemption window finishes before the next instance is
     polled and before the softirq ends."""
-    cpu = GuestCpu(rt)
+    cpu = GuestCpu(rt_random)
     sd = SoftnetData(cpu)
     order: list[str] = []
 
@@ -145,9 +146,9 @@ def test_net_rx_action_waits_for_a_polls_continuation(rt: Runtime) -> None:
     assert not cpu.in_softirq
 
 
-def test_run_on_charges_the_running_cpu(rt: Runtime) -> None:
+def test_run_on_charges_the_running_cpu(rt_random: Runtime) -> None:
     """Code of a queue homed on one vCPU, run on another, charges and kicks there."""
-    home, other = GuestCpu(rt), GuestCpu(rt)
+    home, other = GuestCpu(rt_random), GuestCpu(rt_random)
 
     def driver_code() -> int:
         home.charge(300)
