@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import io
 from pathlib import Path
 
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from vkick.obs import jsonl
 from vkick.obs.jsonl import JsonlWriter, ReadReport, read_events, rotated_parts
 from vkick.testing import run_config
 
@@ -185,3 +190,59 @@ def test_jsonl_layout_matches_the_line_by_line_rule() -> None:
         assert _layout(lines, offset) == expected
 
     check()
+
+
+def _read_by_lines(data: bytes, max_line: int) -> tuple[list[object], list[tuple[int, str]]]:
+    """The reader's contract, one readline at a time (what read_events did before it read
+    blocks): records in order, bad lines with their numbers."""
+    fh, records, bad, lineno = io.BytesIO(data), [], [], 0
+    while line := fh.readline(max_line):
+        lineno += 1
+        if line[-1:] != b"\n":
+            if len(line) < max_line:
+                bad.append((lineno, "truncated"))
+                continue
+            while (rest := fh.readline(max_line)) and rest[-1:] != b"\n":
+                pass
+            bad.append((lineno, "longer"))
+            continue
+        try:
+            rec = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            bad.append((lineno, "not JSON"))
+            continue
+        if type(rec) is not dict or "ev" not in rec or "t" not in rec:
+            bad.append((lineno, "not an event record"))
+            continue
+        records.append(rec)
+    return records, bad
+
+
+_PIECES = [b'{"t": 1, "ev": "kvm_exit"}', b'{"t": 22, "ev": "kvm_entry", "x": "abcdefgh"}',
+           b"", b"garbage", b"[1, 2]", b"\x00" * 40, b'{"t": 3}']
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_PIECES), st.integers(0, 3)), max_size=30),
+       st.booleans(), st.integers(1, 40))
+def test_block_reader_matches_the_line_by_line_reader(
+        tmp_path_factory: pytest.TempPathFactory, pieces: list[tuple[bytes, int]],
+        newline_at_end: bool, block: int) -> None:
+    # Small limits so long lines, lines across blocks and lines longer than several
+    # blocks all occur; the reference reads the same bytes one readline at a time.
+    max_line = 64
+    data = b"\n".join(piece * (n or 1) if n < 3 else piece * 5 for piece, n in pieces)
+    if newline_at_end and data:
+        data += b"\n"
+    path = tmp_path_factory.mktemp("blocks") / "log.jsonl"
+    path.write_bytes(data)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jsonl, "MAX_LINE", max_line)
+        mp.setattr(jsonl, "_BLOCK", block)
+        report = ReadReport()
+        got = list(read_events([path], report))
+    want, want_bad = _read_by_lines(data, max_line)
+    assert got == want
+    kinds = {"trunc": "truncated", "line ": "longer", "not J": "not JSON",
+             "not a": "not an event record"}
+    assert [(n, kinds[reason[:5]]) for _, n, reason in report.bad] == want_bad

@@ -35,6 +35,8 @@ from vkick.runtime.events import EventRecord
 
 TRACE_LEN: Final = 32
 
+_Queue = tuple[str, str, str]  # (vm, dev, vq) of a vhost queue
+
 # The events a check below reads (anything else only joins the causal traces).
 _CHECKED: Final = frozenset({
     "vkick_irq", "vkick_guest_irq", "eventfd_signal", "irqfd_deassign", "irqfd_assign",
@@ -74,9 +76,9 @@ class InvariantChecker:
         self._unbound_ids: set[int] = set()
         # §17.17: per RX queue ("vm/dev/vq"): used->idx published, the guest's last_used_idx,
         # and since when published buffers wait untaken.
-        self._published: dict[str, int] = {}
-        self._consumed: dict[str, int] = {}
-        self._waiting_since: dict[str, int] = {}
+        self._published: dict[_Queue, int] = {}
+        self._consumed: dict[_Queue, int] = {}
+        self._waiting_since: dict[_Queue, int] = {}
 
     def __call__(self, rec: EventRecord) -> None:
         # NOTE: hot (every record of a run or log): the trace bookkeeping is inlined and
@@ -141,7 +143,7 @@ class InvariantChecker:
                 f"{rec['efd']}: a semaphore read of {rec['cnt']} at count 0 wrapped the "
                 f"counter to {rec['count']:#x} at t={rec['t']} ns", 0, [dict(rec)]))
         elif ev == "handle_rx":
-            key = f"{rec['vm']}/{rec['dev']}/{rec['vq']}"
+            key = (rec["vm"], rec["dev"], rec["vq"])
             self._published[key] = rec["used_idx"]
             if rec["used_idx"] != self._consumed.get(key, 0):
                 self._waiting_since.setdefault(key, rec["t"])
@@ -152,7 +154,7 @@ class InvariantChecker:
                 self._waiting_since.pop(key, None)
             self._check_stall(key, rec["t"], rec)
         elif ev == "virtnet_poll":
-            key = f"{rec['vm']}/{rec['dev']}/{rec['vq']}"
+            key = (rec["vm"], rec["dev"], rec["vq"])
             self._check_stall(key, rec["t"], rec)
             self._consumed[key] = rec["last_used_idx"]
             if rec["last_used_idx"] == self._published.get(key, 0):
@@ -206,19 +208,19 @@ class InvariantChecker:
                 f"was attached to it (shared with {peers}), never reached {vm}", first_irq,
                 list(self._trace.get(first_irq, []))))
 
-    def _check_stall(self, key: str, t: int, rec: EventRecord) -> None:
+    def _check_stall(self, key: _Queue, t: int, rec: EventRecord) -> None:
         since = self._waiting_since.get(key)
         if since is not None and t - since > self.stall_ns:
             self._stall(key, since, t, rec, hung=False)
             self._waiting_since[key] = t  # one violation per stall_ns of waiting
 
-    def _stall(self, key: str, since: int, t: int, rec: EventRecord, *, hung: bool) -> None:
+    def _stall(self, key: _Queue, since: int, t: int, rec: EventRecord, *, hung: bool) -> None:
         what = ("still untaken when the run ended quiescent: the guest waits for an "
                 "interrupt that will never come" if hung else
                 f"untaken for {t - since} ns (bound {self.stall_ns} ns)")
         self.violations.append(Violation(
             "17.17 no stalled queue",
-            f"{key}: used buffers published up to index {self._published.get(key, 0)} at "
+            f"{'/'.join(key)}: used buffers published up to index {self._published.get(key, 0)} at "
             f"t={since} ns, guest at {self._consumed.get(key, 0)}; {what}", 0, [dict(rec)]))
 
     def _lifecycle(self, rec: EventRecord) -> None:

@@ -15,6 +15,7 @@ Latencies go into HDR histograms: bounded memory whatever the run length.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, Final
 
 from hdrh.histogram import HdrHistogram
@@ -55,9 +56,9 @@ class Latencies:
         self._counts: Counter[int] = Counter()
         self._h: HdrHistogram | None = None
 
-    def record(self, ns: int) -> None:
+    def record(self, ns: int, n: int = 1) -> None:
         counts = self._counts
-        counts[ns] += 1
+        counts[ns] += n
         if len(counts) > _FOLD_AT:
             self._fold()
 
@@ -72,13 +73,6 @@ class Latencies:
 
     def to_json(self) -> dict[str, int]:
         return _latency_json(self._fold() if self._counts or self._h is not None else None)
-
-
-def _record(table: dict[str, Latencies], key: str, value: int) -> None:
-    h = table.get(key)
-    if h is None:
-        h = table[key] = Latencies()
-    h.record(value)
 
 
 class Tally:
@@ -130,6 +124,11 @@ class Tally:
         return out
 
 
+# An interrupt's scopes (host, VM, vCPU, queue), whether the last is its queue, and its
+# deliveries not yet added to them, by (path, latency, coalesced, first).
+_IrqScopes = tuple[tuple[Tally, ...], bool, Counter[tuple[str, int, bool, bool]]]
+
+
 class RunStats:
     """Per-interrupt accounting (a bus sink, or fed from a log)."""
 
@@ -147,7 +146,11 @@ class RunStats:
         # once per key (bench/bench_obs.py).
         self._by_vcpu: dict[tuple[str, int], tuple[Tally, Tally, Tally]] = {}
         self._by_queue: dict[tuple[str, str, str], tuple[Tally, Tally, Tally]] = {}
-        self._handlers: dict[str, Any] = {
+        self._by_irq: dict[tuple[str, int, str | None], _IrqScopes] = {}
+        self._handled: Counter[tuple[str, int]] = Counter()  # vkick_guest_irq by vCPU
+        self._exits: Counter[tuple[str, int, str]] = Counter()  # kvm_exit by vCPU, reason
+        # Each counted event's handler (public for a reader that dispatches itself).
+        self.handlers: dict[str, Callable[[EventRecord], None]] = {
             "vkick_irq": self._irq, "vkick_guest_irq": self._guest_irq,
             "kvm_exit": self._exit, "vkick_host_ipi": self._host_ipi,
             "kvm_apic_ipi": self._guest_ipi, "vhost_signal": self._vhost_signal,
@@ -181,19 +184,17 @@ class RunStats:
         return t
 
     def __call__(self, rec: EventRecord) -> None:
-        handler = self._handlers.get(rec["ev"])
+        handler = self.handlers.get(rec["ev"])
         if handler is not None:
             handler(rec)
 
+    # The two commonest records are counted per vCPU and added to its scopes at the end.
     def _guest_irq(self, rec: EventRecord) -> None:
-        for t in self._vcpu_scopes(rec["vm"], rec["vcpu"]):
-            t.delivered += 1
+        self._handled[(rec["vm"], rec["vcpu"])] += 1
         self.rate[rec["t"] // RATE_BUCKET_NS] += 1
 
     def _exit(self, rec: EventRecord) -> None:
-        reason = rec["reason"]
-        for t in self._vcpu_scopes(rec["vm"], rec["vcpu"]):
-            t.exits[reason] += 1
+        self._exits[(rec["vm"], rec["vcpu"], rec["reason"])] += 1
 
     def _host_ipi(self, rec: EventRecord) -> None:
         vec = f"{rec['hvector']:#x}"
@@ -238,37 +239,67 @@ class RunStats:
                   self._queue_scopes(vm, rec["dev"], rec["vq"])[2]):
             t.record_rtt(rtt)
 
+    def _irq_scopes(self, vm: str, vcpu: int, queue: str | None) -> _IrqScopes:
+        key = (vm, vcpu, queue)
+        entry = self._by_irq.get(key)
+        if entry is None:
+            base: tuple[Tally, ...] = (self._vcpu_scopes(vm, vcpu) if vcpu >= 0 and vm else
+                                       (self.total, self._vm(vm)) if vm else (self.total,))
+            scopes = (*base, self._queue(queue)) if queue is not None else base
+            entry = self._by_irq[key] = (scopes, queue is not None, Counter())
+        return entry
+
     def _irq(self, rec: EventRecord) -> None:
-        vm = rec["vm"]
-        vcpu = rec["vcpu"]
-        scopes: list[Tally] = (list(self._vcpu_scopes(vm, vcpu)) if vcpu >= 0 and vm else
-                               [self.total, self._vm(vm)] if vm else [self.total])
-        if rec["source"] == "signal":
-            scopes.append(self._queue(rec["origin"]))
-        if rec["first"]:
-            self.sources[rec["source"]] += 1
-            for t in scopes:
-                t.signalled += 1
+        source = rec["source"]
+        signal = source == "signal"
+        entry = self._irq_scopes(rec["vm"], rec["vcpu"], rec["origin"] if signal else None)
+        first = rec["first"]
+        if first:
+            self.sources[source] += 1
         if not rec["delivered"]:
-            for t in scopes:
+            for t in entry[0]:
+                t.signalled += first
                 t.undelivered += 1
             return
-        path = rec["path"]
-        lat = max(1, rec["latency_ns"])
-        coalesced = rec["coalesced"]
-        if rec["source"] == "signal":
-            # A queue's "delivered": its signals that reached the guest (the guest-side
-            # count of handler runs, vkick_guest_irq, knows no queue).
-            scopes[-1].delivered += 1
-        for t in scopes:
-            if coalesced:
-                t.coalesced += 1
-            t.paths[path] += 1
-            t.latency.record(lat)
-        _record(self.latency_by_path, path, lat)
+        # NOTE: a delivery lands in four or five scopes; counting its kind once here and
+        # adding it to every scope at the end (or when the kinds grow many) is what keeps
+        # vkick analyze fast (bench/bench_obs.py).
+        batch = entry[2]
+        batch[(rec["path"], max(1, rec["latency_ns"]), rec["coalesced"], first)] += 1
+        if len(batch) > _FOLD_AT:
+            self._flush(entry)
+
+    def _flush(self, entry: _IrqScopes) -> None:
+        scopes, queue, batch = entry
+        by_path = self.latency_by_path
+        for (path, lat, coalesced, first), n in batch.items():
+            for t in scopes:
+                t.paths[path] += n
+                t.latency.record(lat, n)
+                t.coalesced += n * coalesced
+                t.signalled += n * first
+            if queue:
+                # A queue's "delivered": its signals that reached the guest (the guest-side
+                # count of handler runs, vkick_guest_irq, knows no queue).
+                scopes[-1].delivered += n
+            h = by_path.get(path)
+            if h is None:
+                h = by_path[path] = Latencies()
+            h.record(lat, n)
+        batch.clear()
 
     def to_json(self) -> dict[str, Any]:
         """The summary (the same schema for ``vkick run --json`` and ``vkick analyze``)."""
+        for entry in self._by_irq.values():
+            self._flush(entry)
+        for (vm, vcpu), n in self._handled.items():
+            for t in self._vcpu_scopes(vm, vcpu):
+                t.delivered += n
+        for (vm, vcpu, reason), n in self._exits.items():
+            for t in self._vcpu_scopes(vm, vcpu):
+                t.exits[reason] += n
+        self._handled.clear()
+        self._exits.clear()
         total = self.total
         out = total.to_json()
         out.update({
