@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from vkick.obs.tracepoints import EVENTS
 from vkick.runtime.events import EventRecord
 
 TRACE_LEN: Final = 32
@@ -58,6 +59,11 @@ class Violation:
 
 class InvariantChecker:
     """A bus sink (or log consumer) collecting :class:`Violation` s."""
+
+    # What it reads: the checked events, and every event that carries a correlation id
+    # (the causal traces).  Nothing else needs building for it.
+    wants: Final = _CHECKED | {name for name, e in EVENTS.items()
+                               if any(f[0] == "irq" for f in e.fields)}
 
     def __init__(self, stall_ns: int = 10_000_000) -> None:
         self.stall_ns = stall_ns

@@ -41,6 +41,9 @@ class _Life:
 class IrqLife:
     """The lifecycle tracker (a bus sink that emits ``vkick_irq``)."""
 
+    wants: Final = frozenset({"kvm_apic_accept_irq", "vkick_iommu_post", "vkick_guest_irq",
+                              *_SOURCES})
+
     def __init__(self, bus: EventBus) -> None:
         self.bus = bus
         self.live: dict[int, _Life] = {}

@@ -156,6 +156,7 @@ class RunStats:
             "kvm_apic_ipi": self._guest_ipi, "vhost_signal": self._vhost_signal,
             "handle_rx": self._handle_rx, "handle_tx": self._handle_tx,
             "vkick_tun_drop": self._drop, "vkick_rr": self._rr}
+        self.wants = frozenset(self.handlers)  # the bus builds no other record for it
 
     def _vm(self, vm: str) -> Tally:
         t = self.vms.get(vm)
