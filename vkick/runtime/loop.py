@@ -85,6 +85,7 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
         self._idle_hooks: list[Callable[[], None]] = []
         self._watchdogs: list[tuple[int, int, Callable[[], None]]] = []  # (when_ns, seq, cb)
         self._watchdog_seq = 0
+        self.callbacks_run = 0  # task steps and timer callbacks, for bench/bench_e2e.py
         # asyncio pops every timer due before time() + resolution.  One ns would let a timer
         # one ns in the future fire now (its callback then sees the clock short of its
         # deadline); a tenth of a ns keeps "due" meaning "due at this ns" for runs of days.
@@ -154,7 +155,9 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
             handle._scheduled = False
             ready.append(handle)
         popleft = ready.popleft
-        for _ in range(len(ready)):
+        ntodo = len(ready)
+        self.callbacks_run += ntodo
+        for _ in range(ntodo):
             handle = popleft()
             if not handle._cancelled:
                 handle._run()
