@@ -46,7 +46,6 @@ class _Builder:
         # correlation id → (source slice, whether its bind_id is taken)
         self.sources: dict[int, list[Any]] = {}
         self.next_flow = 1
-        self.flows = 0
         self.last_ts = 0.0
 
     # ------------------------------------------------------------------ tracks
@@ -68,9 +67,9 @@ class _Builder:
                               "args": {"name": name}})
         return tid
 
-    def vcpu_track(self, rec: Event, vcpu: int | None = None) -> tuple[int, int]:
+    def vcpu_track(self, rec: Event) -> tuple[int, int]:
         pid = self.pid(rec["vm"])
-        return pid, self.tid(pid, f"vcpu{rec['vcpu'] if vcpu is None else vcpu}")
+        return pid, self.tid(pid, f"vcpu{rec['vcpu']}")
 
     # ------------------------------------------------------------------ events
 
@@ -189,7 +188,6 @@ class _Builder:
             src[1] = True
             fid = self.next_flow
             self.next_flow += 1
-            self.flows += 1
             slice_out["bind_id"] = fid
             slice_out["flow_out"] = True
             if target is None:  # a further source of this delivery: its own slice

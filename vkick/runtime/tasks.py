@@ -111,6 +111,7 @@ class Runtime:
         self._root: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._failed: asyncio.Future[None] | None = None
+        self._main_task: asyncio.Task[Any] | None = None  # the current call()'s coroutine
         self._closed = False
 
     def next_irq_id(self) -> int:
@@ -254,7 +255,7 @@ class Runtime:
     def interrupt(self) -> None:
         """Cancel the current :meth:`call` from another thread (an embedding caller that
         was cancelled while the emulation ran); the call then raises CancelledError."""
-        task = getattr(self, "_main_task", None)
+        task = self._main_task
         if task is not None and not task.done() and not self._closed:
             self.loop.call_soon_threadsafe(task.cancel)
 
