@@ -137,3 +137,41 @@ def test_every_toggle_the_code_reads_is_registered_and_documented() -> None:
     assert used <= set(KNOWN_TOGGLES), sorted(used - set(KNOWN_TOGGLES))
     doc = (ROOT / "docs" / "bug-toggles.md").read_text()
     assert [t for t in KNOWN_TOGGLES if f"| `{t}` |" not in doc] == []
+
+
+def test_validation_error_line_says_a_missing_field_is_required() -> None:
+    """A missing required field reads "expected a value (required field), got nothing", not
+    the parent table as what was got."""
+    with pytest.raises(ConfigError) as info:
+        parse_config({}, "<test>")
+    assert str(info.value) == "<test>: vm: expected a value (required field), got nothing"
+    with pytest.raises(ConfigError) as info:
+        parse_config({"vm": [{"workload": [{}]}]}, "<test>")
+    assert str(info.value) == ("<test>: vm[0].workload[0].direction: expected a value "
+                               "(required field), got nothing")
+
+
+def test_validation_error_line_names_the_bound_and_the_value_once() -> None:
+    """A range error drops pydantic's "Input should be" and a validator's own "got …" is
+    not repeated: each line has one "expected" and one "got"."""
+    with pytest.raises(ConfigError) as info:
+        parse_config({"vm": [{"guest": {"handler_ns": -1}}]}, "<test>")
+    assert str(info.value) == ("<test>: vm[0].guest.handler_ns: expected a value greater "
+                               "than or equal to 0, got -1")
+    with pytest.raises(ConfigError) as info:
+        parse_config({"vm": [{"net": [{"ring_size": 100}]}]}, "<test>")
+    assert str(info.value) == ("<test>: vm[0].net[0].ring_size: expected a power of two "
+                               "between 2 and 32768, got 100")
+    with pytest.raises(ConfigError) as info:
+        parse_config({"vm": [{"toggles": ["no-such-bug"]}]}, "<test>")
+    assert str(info.value).startswith("<test>: vm[0].toggles[0]: expected one of [")
+    assert str(info.value).endswith("], got 'no-such-bug'")
+
+
+def test_load_toml_of_a_directory_is_a_one_line_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``vkick run DIR/``: exit 2 and one line saying a readable TOML file was expected —
+    not an internal error with a crash file."""
+    assert main(["run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"vkick: {tmp_path}: (file): expected a readable TOML file, got Is a directory"

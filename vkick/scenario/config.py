@@ -29,7 +29,7 @@ from pydantic import (
 from vkick.runtime.clock import parse_duration_ns
 from vkick.runtime.windows import WINDOWS
 from vkick.scenario.format import _FieldError, load_toml, validation_error_line
-from vkick.scenario.toggles import KNOWN_TOGGLES
+from vkick.scenario.toggles import KNOWN_TOGGLES, Toggle  # noqa: F401  (KNOWN_TOGGLES: re-exported)
 
 DEFAULT_SOURCE = "<built-in default>"
 
@@ -166,7 +166,7 @@ class VmConfig(_Model):
     x2apic: bool = False
     halt_poll_ns: Ns = 200_000  # the VM's max_halt_poll_ns (0: no halt polling)
     pin: list[int] | None = None  # the pCPU of each vCPU (default: round robin)
-    toggles: list[str] = Field(default_factory=list)
+    toggles: list[Toggle] = Field(default_factory=list)
     guest: GuestConfig = GuestConfig()
     net: list[NetConfig] = Field(default_factory=list)
     workload: list[WorkloadConfig] = Field(default_factory=list)
@@ -176,9 +176,6 @@ class VmConfig(_Model):
         if self.pin is not None and len(self.pin) != self.vcpus:
             raise _FieldError("pin", f"{self.vcpus} pCPU numbers (one per vCPU)",
                               str(self.pin))
-        for i, t in enumerate(self.toggles):
-            if t not in KNOWN_TOGGLES:
-                raise _FieldError(f"toggles[{i}]", f"one of {sorted(KNOWN_TOGGLES)}", repr(t))
         names = [n.name for n in self.net]
         for i, n in enumerate(self.net):
             if n.name in names[:i]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -25,7 +25,7 @@ from pydantic import (
 
 from vkick.errors import ConfigError
 from vkick.kvm.kvm_host import KVM_IOAPIC_NUM_PINS
-from vkick.scenario.toggles import KNOWN_TOGGLES
+from vkick.scenario.toggles import Toggle
 
 
 class _Model(BaseModel):
@@ -211,8 +211,8 @@ Step = Annotated[
     | LineStep,
     Field(discriminator="do")]
 
-STEP_TAGS = frozenset({"signal", "msi", "ipi", "cli", "sti", "tpr", "eoi", "halt", "apic",
-                       "assign", "deassign", "route", "wait", "expect", "ioapic", "line"})
+STEP_TAGS = frozenset(get_args(step.model_fields["do"].annotation)[0]
+                     for step in get_args(get_args(Step)[0]))
 
 
 class VcpuExpect(_Model):
@@ -261,7 +261,7 @@ class Scenario(_Model):
     source: str = ""
     description: str = ""
     topology: Topology
-    toggles: list[str] = Field(default_factory=list)  # Kvm.toggles (scenario/toggles.py)
+    toggles: list[Toggle] = Field(default_factory=list)  # Kvm.toggles (scenario/toggles.py)
     routes: list[Route] = Field(default_factory=list)
     irqfds: list[Irqfd] = Field(default_factory=list)
     steps: list[Step] = Field(default_factory=list)
@@ -269,9 +269,6 @@ class Scenario(_Model):
 
     @model_validator(mode="after")
     def _cross_check(self) -> Scenario:
-        for i, t in enumerate(self.toggles):
-            if t not in KNOWN_TOGGLES:
-                raise _FieldError(f"toggles[{i}]", f"one of {sorted(KNOWN_TOGGLES)}", repr(t))
         names = [f.name for f in self.irqfds]
         for i, name in enumerate(names):
             if name in names[:i]:
@@ -402,11 +399,22 @@ def validation_error_line(file: str, exc: ValidationError) -> ConfigError:
     if err["type"] == "union_tag_invalid":
         return ConfigError(file, field + ".do", "a known step (" + str(ctx.get("expected_tags"))
                            + ")", repr(ctx.get("tag")))
+    if err["type"] == "missing":
+        return ConfigError(file, field, "a value (required field)", "nothing")
     got = err.get("input")
-    msg = msg.removeprefix("Value error, ")
+    shown = repr(got) if not isinstance(got, dict) else "a table"
+    if msg.startswith("Value error, "):
+        # Our validators' own wording: "expected …, got …" (the value as they show it).
+        msg = msg.removeprefix("Value error, ")
+        expected, sep, own = msg.rpartition(", got ")
+        if sep:
+            msg, shown = expected, own
+    else:
+        msg = msg.removeprefix("Input should be ")  # pydantic's wording
+        if msg.startswith(("greater", "less")):
+            msg = "a value " + msg
     msg = (msg[0].lower() + msg[1:]).removeprefix("expected ")  # ConfigError says it
-    return ConfigError(file, field, msg, repr(got)
-                       if not isinstance(got, dict) else "a table")
+    return ConfigError(file, field, msg, shown)
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -416,6 +424,9 @@ def load_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(str(path), "(file)", "an existing file", "no such file") from None
+    except OSError as exc:  # a directory, no permission …
+        raise ConfigError(str(path), "(file)", "a readable TOML file",
+                          exc.strerror or str(exc)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), "(syntax)", "valid TOML", str(exc)) from None
 

@@ -8,7 +8,9 @@ off = v5.13.  docs/bug-toggles.md has the fixing commits and the tests that find
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Annotated, Final
+
+from pydantic import AfterValidator
 
 KNOWN_TOGGLES: Final[dict[str, str]] = {
     # vCPU entry, posted interrupts (bugs #1, #2; spec §16.1, §16.2, §16.4)
@@ -64,3 +66,12 @@ KNOWN_TOGGLES: Final[dict[str, str]] = {
     "bug-guest-enable-cb-outside-napi": "guest virtio_net.py: RX callbacks re-enabled after "
     "napi_complete, as before v3.11 (bug #15: used_event can move backwards)",
 }
+
+
+def _known(name: str) -> str:
+    if name not in KNOWN_TOGGLES:
+        raise ValueError(f"expected one of {sorted(KNOWN_TOGGLES)}, got {name!r}")
+    return name
+
+
+Toggle = Annotated[str, AfterValidator(_known)]  # a registered toggle name (config fields)
