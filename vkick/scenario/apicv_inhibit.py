@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vkick.guest.cpu import GuestCpu
 from vkick.kvm.kvm_host import (
     APICV_INHIBIT_REASON_HYPERV,
     KVM_CAP_HYPERV_SYNIC,
@@ -21,15 +20,13 @@ from vkick.kvm.kvm_host import (
     Kvm,
     KvmVcpu,
 )
-from vkick.kvm.kvm_main import kvm_vm_ioctl_create_vcpu
 from vkick.kvm.x86 import (
     KvmEnableCap,
     kvm_arch_vcpu_ioctl,
-    kvm_pv_kick_cpu_op,
     kvm_request_apicv_update,
     vcpu_run,
 )
-from vkick.scenario.runner import restore_booted_vcpu
+from vkick.scenario.runner import create_booted_vcpus
 
 __all__ = ["apicv_driver", "hotplug_synic_vcpu"]
 
@@ -55,11 +52,8 @@ async def hotplug_synic_vcpu(kvm: Kvm, vcpu_id: int, cpu: int, at_ns: int) -> Kv
     delay = at_ns - rt.now_ns()
     if delay > 0:
         await rt.sleep_ns(delay)
-    vcpu = await kvm_vm_ioctl_create_vcpu(kvm, vcpu_id, cpu=cpu)
-    await restore_booted_vcpu(vcpu, x2apic=False)
-    guest = GuestCpu(rt, eoi_auto=True)
-    guest.unhalt = (lambda v=vcpu: kvm_pv_kick_cpu_op(v))
-    vcpu.guest = guest
+    (vcpu,) = await create_booted_vcpus(kvm, [cpu], x2apic=False, first_id=vcpu_id,
+                                        eoi_auto=True)
     r = await kvm_arch_vcpu_ioctl(vcpu, KVM_ENABLE_CAP, KvmEnableCap(KVM_CAP_HYPERV_SYNIC))
     assert r == 0, f"KVM_ENABLE_CAP(KVM_CAP_HYPERV_SYNIC) failed: {r}"
     await vcpu_run(vcpu)

@@ -16,20 +16,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vkick.guest.cpu import GuestCpu
-from vkick.hw.cpu import HostCosts, HwHost, create_host
+from vkick.hw.cpu import HostCosts, create_host
 from vkick.hw.iommu import PciDevice, iommu_create, pci_device_actor, pci_device_create
 from vkick.kernel.eventfd import EventfdCtx, eventfd_ctx_create
 from vkick.kvm.eventfd import kvm_irqfd_assign
 from vkick.kvm.irqchip import MsiRoute, kvm_set_irq_routing_sync
 from vkick.kvm.kvm_host import Kvm
-from vkick.kvm.kvm_main import kvm_create_vm, kvm_vm_ioctl_create_vcpu
-from vkick.kvm.x86 import kvm_pv_kick_cpu_op
 from vkick.obs.invariants import InvariantChecker, Violation, pi_structural_violations
 from vkick.obs.irqlife import attach
 from vkick.runtime.sched import PreemptPolicy
 from vkick.runtime.tasks import Runtime
-from vkick.scenario.runner import restore_booted_vcpu, start_vcpus
+from vkick.scenario.runner import build_vm, start_vcpus
 from vkick.vfio.pci_intrs import VfioPciDevice, vfio_msi_enable, vfio_msi_set_vector_signal
 
 __all__ = ["AssignedDevice", "VtdRun", "assign_device", "build_assigned_vm",
@@ -46,18 +43,11 @@ async def build_assigned_vm(rt: Runtime, *, vcpu_cpus: Sequence[int], nr_pcpus: 
     """A host of ``nr_pcpus`` CPUs with an IOMMU (``posting``: it can post) and one VM whose
     vCPU ``i`` is pinned to ``vcpu_cpus[i]``; guests idle in HLT, EOI automatically.
     ``halt_poll_ns`` is the VM's max_halt_poll_ns (0: no halt polling, every halt sleeps)."""
-    host: HwHost = create_host(rt, nr_pcpus, costs)
+    host = create_host(rt, nr_pcpus, costs)
     iommu_create(host, posting=posting)
-    kvm = kvm_create_vm(rt, "vm0", apicv=apicv, host=host, toggles=toggles,
-                        max_halt_poll_ns=halt_poll_ns)
-    for i, cpu in enumerate(vcpu_cpus):
-        await kvm_vm_ioctl_create_vcpu(kvm, i, cpu=cpu)
-    for vcpu in kvm.vcpus:
-        await restore_booted_vcpu(vcpu, x2apic=False)
-        guest = GuestCpu(rt, eoi_auto=True)
-        guest.unhalt = (lambda v=vcpu: kvm_pv_kick_cpu_op(v))
-        vcpu.guest = guest
-    return kvm
+    return await build_vm(rt, nr_vcpus=len(vcpu_cpus), apicv=apicv, x2apic=False,
+                          eoi_auto=True, toggles=toggles, host=host, cpus=vcpu_cpus,
+                          max_halt_poll_ns=halt_poll_ns)
 
 
 @dataclass(slots=True)

@@ -31,16 +31,16 @@ from vkick.guest.virtio_net import (
 )
 from vkick.guest.virtio_ring import VringVirtqueue
 from vkick.hw.cpu import HostCosts, HwHost, create_host
-from vkick.kernel.eventfd import EventfdCtx, eventfd_ctx_create
+from vkick.kernel.eventfd import EventfdCtx
 from vkick.kvm.eventfd import KvmIoeventfd, kvm_irqfd_assign
 from vkick.kvm.irqchip import MsiRoute, kvm_set_irq_routing_sync
 from vkick.kvm.kvm_host import Kvm, KvmVcpu
-from vkick.kvm.kvm_main import kvm_create_vm, kvm_vm_ioctl_create_vcpu
+from vkick.kvm.kvm_main import kvm_create_vm
 from vkick.kvm.kvm_main_io import kvm_io_bus_register_dev
-from vkick.kvm.x86 import kvm_pv_kick_cpu_op, vcpu_run
+from vkick.kvm.x86 import vcpu_run
 from vkick.runtime.tasks import Runtime
 from vkick.scenario.config import HostConfig, VmConfig, queue_placement, vm_names
-from vkick.scenario.runner import restore_booted_vcpu
+from vkick.scenario.runner import create_booted_vcpus, vmm_eventfd
 from vkick.scenario.workload import on_guest_rx, on_host_rx
 from vkick.vhost.net import VhostNet, vhost_net_open, vhost_net_set_backend
 from vkick.vhost.tun import TunFile
@@ -95,15 +95,6 @@ class EmulatedHost:
     def queue_pairs(self) -> list[QueuePair]:
         return [qp for vm in self.vms.values() for dev in vm.nets.values()
                 for qp in dev.queues]
-
-
-def _eventfd(rt: Runtime, name: str, toggles: frozenset[str]) -> EventfdCtx:
-    """An eventfd the VMM creates for a VM: the host kernel's fs/eventfd.c is the one the
-    VM's toggles describe (``fix-efd-semaphore-underflow``, bug #14)."""
-    ctx = eventfd_ctx_create(rt, name=name, fix_semaphore_underflow=(
-        "fix-efd-semaphore-underflow" in toggles))
-    assert isinstance(ctx, EventfdCtx)
-    return ctx
 
 
 def _doorbell(vcpu_guest: GuestCpu, addr: int) -> Callable[[VringVirtqueue], bool]:
@@ -163,15 +154,10 @@ async def _build_vm(rt: Runtime, hw: HwHost, name: str, cfg: VmConfig,
                         toggles=frozenset(cfg.toggles))
     g = cfg.guest
     softnet: list[SoftnetData] = []
-    for i in range(cfg.vcpus):
-        await kvm_vm_ioctl_create_vcpu(kvm, i, cpu=pins[i])
-    for vcpu in kvm.vcpus:
-        await restore_booted_vcpu(vcpu, x2apic=cfg.x2apic)
-        guest = GuestCpu(rt, eoi_auto=True, handler_ns=g.handler_ns, eoi_first=True)
-        guest.unhalt = (lambda v=vcpu: kvm_pv_kick_cpu_op(v))
-        sd = SoftnetData(guest)
-        guest.softirq_handlers[NET_RX_SOFTIRQ] = functools.partial(_net_rx, sd)
-        vcpu.guest = guest
+    for vcpu in await create_booted_vcpus(kvm, pins, x2apic=cfg.x2apic, eoi_auto=True,
+                                          handler_ns=g.handler_ns, eoi_first=True):
+        sd = SoftnetData(vcpu.guest)
+        vcpu.guest.softirq_handlers[NET_RX_SOFTIRQ] = functools.partial(_net_rx, sd)
         softnet.append(sd)
     vm = Vm(name, kvm, cfg)
     routes: list[MsiRoute] = []
@@ -216,8 +202,9 @@ async def _build_queue_pair(rt: Runtime, vm: Vm, dev: NetDevice, net_index: int,
         (1 << VIRTIO_F_NOTIFY_ON_EMPTY) if net_cfg.notify_on_empty else 0)
     rings = (Vring(net_cfg.ring_size), Vring(net_cfg.ring_size))
     tg = kvm.toggles
-    calls = (_eventfd(rt, f"{prefix}/rx{q}", tg), _eventfd(rt, f"{prefix}/tx{q}", tg))
-    kicks = (_eventfd(rt, f"{prefix}/rx{q}.kick", tg), _eventfd(rt, f"{prefix}/tx{q}.kick", tg))
+    calls = (vmm_eventfd(rt, f"{prefix}/rx{q}", tg), vmm_eventfd(rt, f"{prefix}/tx{q}", tg))
+    kicks = (vmm_eventfd(rt, f"{prefix}/rx{q}.kick", tg),
+             vmm_eventfd(rt, f"{prefix}/tx{q}.kick", tg))
     for i in range(2):
         await kvm_irqfd_assign(kvm, calls[i], gsi + i)
     doorbells = []

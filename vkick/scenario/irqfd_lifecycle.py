@@ -34,7 +34,7 @@ from vkick.obs.invariants import InvariantChecker, Violation
 from vkick.obs.irqlife import attach
 from vkick.runtime.sched import PreemptPolicy
 from vkick.runtime.tasks import Runtime
-from vkick.scenario.runner import SCENARIO_COSTS, build_vm, start_vcpus
+from vkick.scenario.runner import SCENARIO_COSTS, build_vm, start_vcpus, vmm_eventfd
 
 __all__ = ["GSI", "MEMORY_SAFETY", "VECTOR", "LifecycleRun", "build_vms", "run_assign_race",
            "run_semaphore_reassign", "run_shared_eventfd"]
@@ -202,9 +202,7 @@ def run_semaphore_reassign(seed: int, toggles: frozenset[str] = frozenset(), *,
 
     async def main() -> None:
         (kvm,) = await build_vms(rt, ("vm0",), toggles)
-        ctx = eventfd_ctx_create(rt, 0, EFD_SEMAPHORE, "sem", fix_semaphore_underflow=(
-            "fix-efd-semaphore-underflow" in toggles))
-        assert isinstance(ctx, EventfdCtx)
+        ctx = vmm_eventfd(rt, "sem", toggles, EFD_SEMAPHORE)
         out.results["assign"] = await kvm_irqfd_assign(kvm, ctx, GSI)
         _signal(rt, ctx)
         await rt.sleep_ns(10_000)

@@ -12,6 +12,7 @@ which ends the scenario.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from vkick.guest.cpu import GuestCpu
@@ -36,6 +37,7 @@ from vkick.kvm.kvm_host import (
     APIC_ID,
     APIC_LDR,
     APIC_SPIV,
+    KVM_HALT_POLL_NS_DEFAULT,
     KVM_IRQCHIP_IOAPIC,
     MSR_IA32_APICBASE_ENABLE,
     X2APIC_ENABLE,
@@ -75,11 +77,14 @@ SCENARIO_COSTS = HostCosts(vmentry_ns=100, vmexit_ns=100, ipi_latency_ns=50, wak
 async def build_vm(rt: Runtime, *, nr_vcpus: int, apicv: bool, x2apic: bool,
                    eoi_auto: bool, name: str = "vm0", handler_ns: int = 0,
                    toggles: frozenset[str] = frozenset(), irqchip: str = "split",
-                   host: HwHost | None = None, first_cpu: int = 0) -> Kvm:
+                   host: HwHost | None = None, first_cpu: int = 0,
+                   cpus: Sequence[int] | None = None,
+                   max_halt_poll_ns: int = KVM_HALT_POLL_NS_DEFAULT) -> Kvm:
     """A VM with ``nr_vcpus`` vCPUs, each pinned to its own physical CPU, guests idle.
 
     ``host``: build on that host (several VMs on one machine), vCPU ``i`` on CPU
-    ``first_cpu + i``; by default a new host with one CPU per vCPU.
+    ``first_cpu + i`` (or ``cpus[i]`` when given); by default a new host with one CPU per
+    vCPU.  ``max_halt_poll_ns``: the VM's halt-polling bound (0: every halt sleeps).
 
     The VMM side, as QEMU restores a booted guest: KVM_CREATE_VCPU for each vCPU, then per
     vCPU the APIC base (x2APIC mode: KVM_SET_SREGS), the LAPIC of FORMAT.md "Initial state"
@@ -87,24 +92,49 @@ async def build_vm(rt: Runtime, *, nr_vcpus: int, apicv: bool, x2apic: bool,
     ``irqchip = "kernel"``: KVM_CREATE_IRQCHIP before the vCPUs, and the IOAPIC's MMIO
     window on the VM's bus (the guest's ``mmio`` writes there reach ioapic_mmio_write).
     """
+    if cpus is None:
+        cpus = range(first_cpu, first_cpu + nr_vcpus)
+    assert len(cpus) == nr_vcpus, (cpus, nr_vcpus)
     if host is None:
-        host = create_host(rt, first_cpu + nr_vcpus, SCENARIO_COSTS)
-    kvm = kvm_create_vm(rt, name, apicv=apicv, host=host, toggles=toggles)
+        host = create_host(rt, max(cpus) + 1, SCENARIO_COSTS)
+    kvm = kvm_create_vm(rt, name, apicv=apicv, host=host, toggles=toggles,
+                        max_halt_poll_ns=max_halt_poll_ns)
     if irqchip == "kernel":
         r = kvm_arch_vm_ioctl_create_irqchip(kvm)
         assert r == 0, r
         ioapic: KvmIoapic = kvm.arch.vioapic
         kvm.io_bus = (lambda vcpu, addr, val:
                       ioapic_mmio_write(vcpu, ioapic, addr, 4, val))
-    for i in range(nr_vcpus):
-        await kvm_vm_ioctl_create_vcpu(kvm, i, cpu=first_cpu + i)
-    for vcpu in kvm.vcpus:
+    await create_booted_vcpus(kvm, cpus, x2apic=x2apic, eoi_auto=eoi_auto,
+                              handler_ns=handler_ns)
+    return kvm
+
+
+async def create_booted_vcpus(kvm: Kvm, cpus: Sequence[int], *, x2apic: bool,
+                              first_id: int = 0, eoi_auto: bool = True, handler_ns: int = 0,
+                              eoi_first: bool = False) -> list[KvmVcpu]:
+    """KVM_CREATE_VCPU for vCPU ``first_id + i`` pinned to ``cpus[i]`` — every one first, as
+    QEMU creates them — then each restored as booted (:func:`restore_booted_vcpu`) and given
+    an idle guest (:class:`GuestCpu` with the guest arguments) that a PV kick
+    (KVM_HC_KICK_CPU) wakes when it is handed work while halted."""
+    vcpus = [await kvm_vm_ioctl_create_vcpu(kvm, first_id + i, cpu=cpu)
+             for i, cpu in enumerate(cpus)]
+    for vcpu in vcpus:
         await restore_booted_vcpu(vcpu, x2apic=x2apic)
-        vcpu.halt_poll_ns = 0
-        guest = GuestCpu(rt, eoi_auto=eoi_auto, handler_ns=handler_ns)
+        guest = GuestCpu(kvm.rt, eoi_auto=eoi_auto, handler_ns=handler_ns,
+                         eoi_first=eoi_first)
         guest.unhalt = (lambda v=vcpu: kvm_pv_kick_cpu_op(v))
         vcpu.guest = guest
-    return kvm
+    return vcpus
+
+
+def vmm_eventfd(rt: Runtime, name: str, toggles: frozenset[str], flags: int = 0) -> EventfdCtx:
+    """An eventfd the VMM creates for a VM: the host kernel's fs/eventfd.c is the one the
+    VM's toggles describe (``fix-efd-semaphore-underflow``, bug #14)."""
+    ctx = eventfd_ctx_create(rt, 0, flags, name, fix_semaphore_underflow=(
+        "fix-efd-semaphore-underflow" in toggles))
+    assert isinstance(ctx, EventfdCtx), ctx
+    return ctx
 
 
 async def restore_booted_vcpu(vcpu: KvmVcpu, *, x2apic: bool) -> None:
@@ -202,9 +232,7 @@ async def _run(rt: Runtime, sc: Any, apicv: bool) -> Outcome:
     resamplefds: dict[str, EventfdCtx] = {}
     irqfd_flags: dict[str, int] = {}
     for fd in sc.irqfds:
-        ctx = eventfd_ctx_create(rt, name=fd.name, fix_semaphore_underflow=(
-            "fix-efd-semaphore-underflow" in kvm.toggles))
-        assert isinstance(ctx, EventfdCtx)
+        ctx = vmm_eventfd(rt, fd.name, kvm.toggles)
         efds[fd.name] = (ctx, fd.gsi)
         irqfd_flags[fd.name] = 0
         if fd.resample:
