@@ -135,7 +135,6 @@ class RunStats:
     def __init__(self) -> None:
         self.total = Tally()
         self.vms: dict[str, Tally] = {}
-        self.vcpus: dict[str, Tally] = {}  # "vm/vcpu"
         self.queues: dict[str, Tally] = {}  # "vm/dev/vq": a vhost queue (its call eventfd)
         self.sources: Counter[str] = Counter()
         self.rate: Counter[int] = Counter()
@@ -167,8 +166,7 @@ class RunStats:
     def _vcpu_scopes(self, vm: str, vcpu: int) -> tuple[Tally, Tally, Tally]:
         scopes = self._by_vcpu.get((vm, vcpu))
         if scopes is None:
-            t = self.vcpus[f"{vm}/{vcpu}"] = Tally()
-            scopes = self._by_vcpu[(vm, vcpu)] = (self.total, self._vm(vm), t)
+            scopes = self._by_vcpu[(vm, vcpu)] = (self.total, self._vm(vm), Tally())
         return scopes
 
     def _queue_scopes(self, vm: str, dev: str, vq: str) -> tuple[Tally, Tally, Tally]:
@@ -199,15 +197,9 @@ class RunStats:
 
     def _host_ipi(self, rec: EventRecord) -> None:
         vec = f"{rec['hvector']:#x}"
-        vm = rec.get("vm")
-        if not vm:
-            self.total.host_ipis[vec] += 1
-        elif rec["vcpu"] >= 0:
-            for t in self._vcpu_scopes(vm, rec["vcpu"]):
-                t.host_ipis[vec] += 1
-        else:
-            self.total.host_ipis[vec] += 1
-            self._vm(vm).host_ipis[vec] += 1
+        vm = rec.get("vm") or ""
+        for t in self._irq_scopes(vm, rec["vcpu"] if vm else -1, None)[0]:
+            t.host_ipis[vec] += 1
 
     def _guest_ipi(self, rec: EventRecord) -> None:
         vec = f"{rec['vector']:#x}"
@@ -301,6 +293,9 @@ class RunStats:
                 t.exits[reason] += n
         self._handled.clear()
         self._exits.clear()
+        vcpus: dict[str, dict[str, Any]] = {}  # VM → vCPU index → its tally
+        for (vm, vcpu), scopes in sorted(self._by_vcpu.items()):
+            vcpus.setdefault(vm, {})[str(vcpu)] = scopes[2].to_json()
         total = self.total
         out = total.to_json()
         out.update({
@@ -309,22 +304,10 @@ class RunStats:
                                 if total.signalled else 0.0,
             "latency_ns_by_path": {k: h.to_json()
                                    for k, h in sorted(self.latency_by_path.items())},
-            "vms": {name: self._vm_json(name, t) for name, t in sorted(self.vms.items())},
+            "vms": {name: {**t.to_json(), "vcpus": vcpus.get(name, {})}
+                    for name, t in sorted(self.vms.items())},
             "queues": {k: t.to_json() for k, t in sorted(self.queues.items())},
             "rate": [{"t_ns": b * RATE_BUCKET_NS, "delivered": n}
                      for b, n in sorted(self.rate.items())],
         })
         return out
-
-    def _vm_json(self, name: str, t: Tally) -> dict[str, Any]:
-        out = t.to_json()
-        prefix = name + "/"
-        out["vcpus"] = {k[len(prefix):]: v.to_json()
-                        for k, v in sorted(self.vcpus.items(), key=lambda kv: _vcpu_key(kv[0]))
-                        if k.startswith(prefix)}
-        return out
-
-
-def _vcpu_key(key: str) -> tuple[str, int]:
-    vm, _, vcpu = key.rpartition("/")
-    return vm, int(vcpu)
