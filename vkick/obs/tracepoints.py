@@ -85,7 +85,7 @@ EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in (
         ("duration_ns", "int", "emulated time since traffic started"),
         ("quiescent", "bool", "every task blocked, no timer pending: nothing can change")),
     _ev("eventfd_signal", "debug", "fs/eventfd.c eventfd_signal added n to the counter",
-        ("efd", "str", "eventfd name"), ("n", "int", "amount added (capped)"),
+        EFD, ("n", "int", "amount added (capped)"),
         ("count", "int", "counter after the add"), IRQ),
     _ev("eventfd_release", "debug", "fs/eventfd.c eventfd_release: the eventfd's last file "
         "reference went (close); its queue is woken with EPOLLHUP", EFD),
@@ -94,7 +94,7 @@ EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in (
         ("r", "int", "kvm_arch_set_irq_inatomic result (-11 = EWOULDBLOCK → slow path)")),
     _ev("irqfd_inject", "debug", "the workqueue slow path injects (merged signals once)", VM,
         GSI, EFD, IRQS),
-    _ev("irqfd_assign", "info", "KVM_IRQFD assign", VM, GSI, ("efd", "str", "eventfd name"),
+    _ev("irqfd_assign", "info", "KVM_IRQFD assign", VM, GSI, EFD,
         ("pending", "bool", "the eventfd was already signalled: injected at assignment"),
         ("resample", "bool", "KVM_IRQFD_FLAG_RESAMPLE: a level-triggered irqfd with a "
                              "resamplefd")),
@@ -104,8 +104,7 @@ EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in (
     _ev("kvm_notify_irqfd_resampler", "info", "toggle fix-resample-on-unmask (later "
         "kernels): unmasking a pending level pin signals its resamplefds instead of "
         "delivering", VM, GSI, ("n", "int", "resamplefds signalled")),
-    _ev("irqfd_deassign", "info", "KVM_IRQFD deassign returned", VM, GSI,
-        ("efd", "str", "eventfd name")),
+    _ev("irqfd_deassign", "info", "KVM_IRQFD deassign returned", VM, GSI, EFD),
     _ev("irqfd_shutdown", "info", "virt/kvm/eventfd.c irqfd_shutdown unhooked the irqfd from "
         "its eventfd (deassign, EPOLLHUP or VM teardown); it is freed once its pending "
         "injection is flushed", VM, GSI, EFD),
@@ -203,8 +202,7 @@ EVENTS: Final[dict[str, EventDef]] = {e.name: e for e in (
     _ev("vkick_iommu_remap", "debug", "VT-d remaps an MSI to a host vector on a host CPU", PCPU,
         ("hvector", "int", "host vector"), IRQ),
     _ev("vfio_msihandler", "debug", "drivers/vfio/pci/vfio_pci_intrs.c vfio_msihandler: the "
-        "device IRQ's handler signals its eventfd in hardirq context", PCPU,
-        ("efd", "str", "eventfd name"), IRQ),
+        "device IRQ's handler signals its eventfd in hardirq context", PCPU, EFD, IRQ),
     _ev("kvm_pi_irte_update", "info", "KVM posts a host IRQ to a vCPU (set) or takes it back",
         VM, ("host_irq", "int", "host IRQ"), VCPU, GSI, VECTOR,
         ("set", "bool", "posted mode on")),

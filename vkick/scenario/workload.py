@@ -17,7 +17,7 @@ named after the queue and direction, so adding a workload never shifts another's
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from vkick.guest.virtio_net import ReceiveQueue, dev_queue_xmit
@@ -60,32 +60,35 @@ def packet_size(w: WorkloadConfig, rng: random.Random) -> int:
     return rng.randint(w.size, w.size_max)
 
 
-async def rx_generator(rt: Runtime, qp: QueuePair, w: WorkloadConfig, t_end: int) -> None:
-    """The host stack sends to the guest through the queue's tap until ``t_end``."""
-    rng = rt.rng.stream(f"workload.{qp.vm}.{qp.net}.q{qp.index}.rx")
+async def _arrivals(rt: Runtime, qp: QueuePair, w: WorkloadConfig, t_end: int,
+                    *, direction: str, send: Callable[[SkBuff], object]) -> None:
+    """``send`` a packet at each arrival of ``w`` on ``qp`` until ``t_end`` (the draws come
+    from the queue's and direction's own stream)."""
+    rng = rt.rng.stream(f"workload.{qp.vm}.{qp.net}.q{qp.index}.{direction}")
     if w.start:
         await rt.sleep_ns(w.start)
-    tap = qp.tap
     for gap in arrival_gaps(w, rng):
         if rt.now_ns() + gap >= t_end:
             return
         await rt.sleep_ns(gap)
-        tun_net_xmit(tap, SkBuff(packet_size(w, rng), rt.now_ns()))
+        send(SkBuff(packet_size(w, rng), rt.now_ns()))
+
+
+async def rx_generator(rt: Runtime, qp: QueuePair, w: WorkloadConfig, t_end: int) -> None:
+    """The host stack sends to the guest through the queue's tap until ``t_end``."""
+    tap = qp.tap
+    await _arrivals(rt, qp, w, t_end, direction="rx", send=lambda skb: tun_net_xmit(tap, skb))
 
 
 async def tx_generator(rt: Runtime, qp: QueuePair, w: WorkloadConfig, t_end: int) -> None:
     """The guest application sends on the queue until ``t_end``."""
-    rng = rt.rng.stream(f"workload.{qp.vm}.{qp.net}.q{qp.index}.tx")
-    if w.start:
-        await rt.sleep_ns(w.start)
     sq = qp.txq
     guest = qp.vcpu.guest
-    for gap in arrival_gaps(w, rng):
-        if rt.now_ns() + gap >= t_end:
-            return
-        await rt.sleep_ns(gap)
-        skb = SkBuff(packet_size(w, rng), rt.now_ns())
-        guest.push("call", lambda _vcpu, skb=skb: dev_queue_xmit(sq, skb))
+
+    def send(skb: SkBuff) -> None:
+        guest.push("call", lambda _vcpu: dev_queue_xmit(sq, skb))
+
+    await _arrivals(rt, qp, w, t_end, direction="tx", send=send)
 
 
 class RrFlow:
