@@ -1,4 +1,8 @@
-"""``vkick analyze LOG...``: the run summary, computed again from a JSON-lines log."""
+"""``vkick analyze LOG...``: the run summary, computed again from a JSON-lines log.
+
+Kept light: the consumers are imported when the command runs, not when ``vkick`` builds its
+parser (every invocation, ``--version`` included).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,10 @@ import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vkick.obs.invariants import InvariantChecker
-from vkick.obs.jsonl import ReadReport, expand_logs, read_events
-from vkick.obs.stats import RunStats
+if TYPE_CHECKING:
+    from vkick.obs.jsonl import ReadReport
 
 
 def add_parser(sub: Any) -> None:
@@ -31,6 +34,10 @@ def analyze(paths: Iterable[str | Path]) -> tuple[dict[str, Any], ReadReport]:
     Memory is bounded by the consumers' state (histograms, counters, the traces of the
     interrupts in flight), not by the log's length.
     """
+    from vkick.obs.invariants import InvariantChecker  # noqa: PLC0415
+    from vkick.obs.jsonl import ReadReport, read_events  # noqa: PLC0415
+    from vkick.obs.stats import RunStats  # noqa: PLC0415
+
     stats = RunStats()
     checker = InvariantChecker()
     report = ReadReport()
@@ -46,6 +53,8 @@ def analyze(paths: Iterable[str | Path]) -> tuple[dict[str, Any], ReadReport]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from vkick.obs.jsonl import expand_logs  # noqa: PLC0415
+
     logs = expand_logs(args.logs)
     summary, report = analyze(logs)
     if args.json:
