@@ -4,9 +4,11 @@ uses it), the README's embedding example, and the package's exported names."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import orjson
 import pytest
 
 import vkick
+import vkick.testing
 from vkick.guest.virtio_net import dev_queue_xmit
 from vkick.kernel.skbuff import SkBuff
 from vkick.scenario.build import EmulatedHost
@@ -155,3 +158,92 @@ def test_public_api_is_the_documented_small_surface() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False"
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"log_level": "warn"}, "log_level"), ({"log_max_bytes": 0}, "log_max_bytes"),
+    ({"seed": "3"}, "seed"), ({"duration": "soon"}, "duration"),
+    ({"policy": "sometimes"}, "policy")])
+def test_host_overrides_are_validated_as_the_config_fields_are(
+        overrides: dict[str, Any], field: str) -> None:
+    """A keyword override is checked as the same ``[run]`` field in a file would be: one
+    ConfigError line naming it, never a value silently replaced or kept as the wrong
+    type."""
+    with pytest.raises(vkick.ConfigError) as info:
+        vkick.Host.from_config(SMALL, **overrides)
+    assert str(info.value).startswith(f"<overrides>: {field}: expected ")
+
+
+def test_host_policy_random_takes_the_configs_preempt_section() -> None:
+    """``policy="random"`` (``vkick run --policy random``) preempts as the config's
+    ``[run.preempt]`` and ``[run.sites]`` say, not with built-in defaults."""
+    cfg = {**SMALL, "run": {**SMALL["run"], "preempt": {"p": 0.7, "max_turns": 5},
+                            "sites": {"W-PI-send": {"p": 0.1}}}}
+    policy = vkick.Host.from_config(cfg, policy="random").policy
+    assert policy.kind == "random"
+    assert (policy.default.p, policy.default.max_turns) == (0.7, 5)
+    assert policy.sites["W-PI-send"].p == 0.1
+    assert vkick.Host.from_config(cfg).policy.kind == "none"
+
+
+@pytest.mark.asyncio
+async def test_host_never_entered_opens_nothing_and_leaks_nothing(tmp_path: Path) -> None:
+    """A Host built but never entered neither truncates its log nor leaves an event loop
+    or a file open; ``aclose`` on it is a no-op."""
+    log = tmp_path / "run.jsonl"
+    log.write_bytes(b"an earlier run\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        host = vkick.Host.from_config(SMALL, log=log)
+        assert log.read_bytes() == b"an earlier run\n"
+        await host.aclose()
+        del host
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+@pytest.mark.asyncio
+async def test_host_wait_quiescent_forwards_the_timeout_and_its_answer() -> None:
+    """``wait_quiescent`` is True on a built, idle host; with traffic flowing and a short
+    timeout it is False; ``traffic_elapsed_ns`` counts from the traffic's start."""
+    async with vkick.Host.from_config(SMALL) as host:
+        assert host.traffic_elapsed_ns == 0
+        assert await host.wait_quiescent() is True
+        await host.run_for("500us")
+        assert host.traffic_elapsed_ns == 500_000
+        assert await host.wait_quiescent("1us") is False
+
+
+@pytest.mark.asyncio
+async def test_host_result_refuses_while_a_call_is_in_flight() -> None:
+    """``result()`` during ``run()`` raises (the statistics belong to the emulation thread
+    until the call returns) instead of racing it."""
+    cfg = {**SMALL, "run": {"duration": "10s", "seed": 1}}
+    async with vkick.Host.from_config(cfg) as host:
+        task = asyncio.create_task(host.run())
+        while host.traffic_elapsed_ns == 0:  # the run is under way
+            await asyncio.sleep(0.01)
+        with pytest.raises(RuntimeError, match="in progress"):
+            host.result()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert host.result().summary["packets"]["rx"] >= 0
+
+
+def test_run_result_reproduce_names_seed_duration_and_policy() -> None:
+    """The reproduction line carries the seed, the traffic duration and the policy; a
+    config that came as a mapping is said to need writing out, the built-in default needs
+    no CONFIG."""
+    from vkick.scenario.config import DEFAULT_SOURCE  # noqa: PLC0415
+
+    r = vkick.RunResult({}, seed=3, source="configs/rr.toml", duration_ns=2_500_000,
+                        policy="random")
+    assert r.reproduce() == "vkick run configs/rr.toml --seed 3 --duration 2500us --policy random"
+    r.source = DEFAULT_SOURCE
+    assert r.reproduce() == "vkick run --seed 3 --duration 2500us --policy random"
+    r.source = "<dict>"
+    assert r.reproduce().startswith("vkick run CONFIG.toml --seed 3 --duration 2500us")
+    assert "<dict>" in r.reproduce()
+    result = vkick.testing.run_config(SMALL, duration="1ms", policy="random")
+    assert (result.duration_ns, result.policy) == (1_000_000, "random")

@@ -20,27 +20,36 @@ in the emulation thread, synchronously, as every vkick consumer does.
 from __future__ import annotations
 
 import concurrent.futures
+import shlex
+import tempfile
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import IO, Any, Literal, Self, TypeVar
 
 import anyio
 import anyio.to_thread
 import orjson
 
 from vkick.obs.invariants import InvariantChecker, Violation
-from vkick.obs.irqlife import IrqLife
+from vkick.obs.irqlife import IrqLife, attach
 from vkick.obs.jsonl import JsonlWriter
 from vkick.obs.stats import RunStats
 from vkick.obs.tracepoints import Level
-from vkick.runtime.clock import parse_duration_ns
-from vkick.runtime.events import EventSink
+from vkick.runtime.clock import format_duration_ns, parse_duration_ns
+from vkick.runtime.events import EventRecord, EventSink
 from vkick.runtime.sched import PreemptPolicy, SitePolicy
+from vkick.runtime.selfcheck import first_difference
 from vkick.runtime.tasks import Runtime
 from vkick.scenario.build import EmulatedHost, build_host
-from vkick.scenario.config import HostConfig, load_config, parse_config
+from vkick.scenario.config import (
+    DEFAULT_SOURCE,
+    HostConfig,
+    load_config,
+    parse_config,
+    run_with,
+)
 from vkick.scenario.workload import RrFlow, rx_generator, tx_generator
 
 T = TypeVar("T")
@@ -56,15 +65,25 @@ class RunResult:
     violations: list[Violation] = field(default_factory=list)
     seed: int = 0
     source: str = ""
+    duration_ns: int = 0
+    policy: str = "none"
 
     @property
     def ok(self) -> bool:
         return not self.violations
 
     def reproduce(self) -> str:
-        """The command line that replays this run."""
-        where = "" if self.source.startswith("<") else f" {self.source}"
-        return f"vkick run{where} --seed {self.seed}"
+        """The command line that replays this run: its config, seed, traffic duration and
+        preemption policy.  A config given as a mapping or a model (source ``<dict>``,
+        ``<config>``) has no file: the line says it must be written to one."""
+        opts = (f"--seed {self.seed} --duration {format_duration_ns(self.duration_ns)} "
+                f"--policy {self.policy}")
+        if self.source == DEFAULT_SOURCE:
+            return f"vkick run {opts}"
+        if self.source.startswith("<"):
+            return (f"vkick run CONFIG.toml {opts} (CONFIG.toml: the {self.source} this run "
+                    "was given, written out as TOML)")
+        return f"vkick run {shlex.quote(self.source)} {opts}"
 
 
 def policy_from_config(cfg: HostConfig) -> PreemptPolicy:
@@ -89,31 +108,31 @@ class Host:
 
     def __init__(self, config: HostConfig, *, source: str = "<config>",
                  seed: int | None = None, duration: int | str | None = None,
-                 policy: PreemptPolicy | None = None, log: str | Path | None = None,
-                 log_level: Level | None = None, log_max_bytes: int | None = None,
-                 sinks: tuple[EventSink, ...] = ()) -> None:
-        run = config.run
+                 policy: Literal["none", "random"] | None = None,
+                 log: str | Path | None = None, log_level: Level | None = None,
+                 log_max_bytes: int | None = None, sinks: tuple[EventSink, ...] = ()) -> None:
+        # The keyword overrides replace the config's [run] fields and are validated as they
+        # are (one ConfigError line naming the field); the preemption parameters of
+        # ``policy = "random"`` are the config's [run.preempt] and [run.sites].
+        run = run_with(config.run, seed=seed, duration=duration, policy=policy, log=log,
+                       log_level=log_level, log_max_bytes=log_max_bytes)
+        if run is not config.run:
+            config = config.model_copy(update={"run": run})
         self.config = config
         self.source = source
-        self.seed = run.seed if seed is None else seed
-        self.duration_ns = run.duration if duration is None else parse_duration_ns(duration)
-        self.policy = policy if policy is not None else policy_from_config(config)
-        self.rt = Runtime(seed=self.seed, policy=self.policy)
+        self.seed = run.seed
+        self.duration_ns = run.duration
+        self.policy = policy_from_config(config)
         self.stats = RunStats()
         self.checker = InvariantChecker(stall_ns=run.stall)
-        log_path = log if log is not None else run.log
-        self._writer = (JsonlWriter(log_path, log_level or run.log_level,
-                                    max_bytes=log_max_bytes or run.log_max_bytes)
-                        if log_path is not None else None)
-        bus = self.rt.bus
-        for sink in (self.stats, self._writer, *sinks, self.checker):
-            if sink is not None:
-                bus.subscribe(sink)
-        # The lifecycle tracker emits from inside the fan-out: it must come last.
-        self._life = IrqLife(bus)
-        self._unsub_life = bus.subscribe(self._life)
+        self._sinks = sinks
+        # Made when the host is entered (``async with``): nothing to leak before that.
+        self._rt: Runtime | None = None
+        self._writer: JsonlWriter | None = None
+        self._life: IrqLife | None = None
         self.host: EmulatedHost | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._in_flight = 0  # calls running on the emulation thread
         self._started = False
         self._finished = False
         self._quiescent = False
@@ -136,9 +155,18 @@ class Host:
     # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Self:
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="vkick-host")
+        if self._rt is not None:
+            raise RuntimeError("a Host runs once: make a new one")
+        rt = self._rt = Runtime(seed=self.seed, policy=self.policy)
+        run = self.config.run
         try:
+            if run.log is not None:
+                self._writer = JsonlWriter(run.log, run.log_level, max_bytes=run.log_max_bytes)
+            # The lifecycle tracker emits from inside the fan-out: it must come last.
+            self._life = attach(rt.bus, *(s for s in (self.stats, self._writer, *self._sinks,
+                                                      self.checker) if s is not None))
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="vkick-host")
             await self._submit(self._build)
         except BaseException:
             await self.aclose()
@@ -150,11 +178,14 @@ class Host:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Cancel every emulated task, close the log (whole lines only), stop the thread."""
+        """Cancel every emulated task, close the log (whole lines only), stop the thread.
+        Closes whatever exists, however far entering got; a no-op when never entered."""
         executor = self._executor
-        if executor is None:
-            return
         with anyio.CancelScope(shield=True):
+            if executor is None:
+                if self._rt is not None:
+                    await anyio.to_thread.run_sync(self._close)  # not on a running loop
+                return
             fut = executor.submit(self._close)
             await anyio.to_thread.run_sync(fut.result)
             executor.shutdown(wait=True)
@@ -162,7 +193,8 @@ class Host:
 
     def _close(self) -> None:
         try:
-            self.rt.close()
+            if self._rt is not None:
+                self._rt.close()
         finally:
             if self._writer is not None:
                 self._writer.close()
@@ -182,24 +214,51 @@ class Host:
         ns = parse_duration_ns(duration)
         await self._submit(self._advance, ns)
 
-    async def wait_quiescent(self) -> None:
-        """Return once every emulated task is blocked and no timer is pending."""
-        await self._submit(lambda: self.rt.call(self.rt.wait_quiescent))
+    async def wait_quiescent(self, timeout: int | str | None = None) -> bool:
+        """Return True once every emulated task is blocked and no timer is pending, or False
+        when ``timeout`` of emulated time (``"1ms"``, ns) passed first."""
+        ns = None if timeout is None else parse_duration_ns(timeout)
+        rt = self.rt
+        return await self._submit(lambda: rt.call(rt.wait_quiescent, ns))
 
     async def call(self, fn: Callable[[EmulatedHost], Coroutine[Any, Any, T]]) -> T:
         """Run ``fn(host)`` inside the emulation (virtual time) and return its result."""
         return await self._submit(self._call_in, fn)
 
     def result(self) -> RunResult:
-        """The summary and violations so far (complete after :meth:`run`)."""
-        summary = self.stats.to_json()
+        """The summary and violations so far (complete after :meth:`run`).  Not while a
+        call (:meth:`run`, :meth:`run_for` …) is in progress: the statistics are the
+        emulation thread's until it returns."""
+        if self._in_flight:
+            raise RuntimeError("Host.result() while a run()/run_for()/call() is in "
+                               "progress: await it first")
+        return self._result()
+
+    def _result(self) -> RunResult:
+        summary = self.stats.to_json()  # adds the batched counts in: emulation thread only
         summary["violations"] = [v.to_json() for v in self.checker.violations]
-        return RunResult(summary, list(self.checker.violations), self.seed, self.source)
+        return RunResult(summary, list(self.checker.violations), self.seed, self.source,
+                         self.duration_ns, self.config.run.policy)
+
+    @property
+    def rt(self) -> Runtime:
+        """The emulation's runtime (once the host is entered)."""
+        rt = self._rt
+        if rt is None:
+            raise RuntimeError("use the Host as `async with Host(...) as host:`")
+        return rt
 
     @property
     def now_ns(self) -> int:
-        """Emulated time (ns); safe to read while a call is in progress."""
-        return self.rt.now_ns()
+        """Emulated time (ns; 0 before the host is entered); safe to read while a call is
+        in progress."""
+        return 0 if self._rt is None else self._rt.now_ns()
+
+    @property
+    def traffic_elapsed_ns(self) -> int:
+        """Emulated time since the configured traffic started (0 before it has); safe to
+        read while a call is in progress."""
+        return max(0, self.now_ns - self._t_start) if self._started else 0
 
     # ------------------------------------------------------------------ the thread
 
@@ -208,6 +267,7 @@ class Host:
         if executor is None:
             raise RuntimeError("use the Host as `async with Host(...) as host:`")
         fut = executor.submit(fn, *args)
+        self._in_flight += 1
         try:
             return await anyio.to_thread.run_sync(fut.result, abandon_on_cancel=True)
         except anyio.get_cancelled_exc_class():
@@ -215,6 +275,8 @@ class Host:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(fut.exception)
             raise
+        finally:
+            self._in_flight -= 1
 
     def _build(self) -> None:
         async def build() -> None:
@@ -275,10 +337,11 @@ class Host:
         if not self._finished:
             rt.call(run)
             self._finish()
-        return self.result()
+        return self._result()
 
     def _finish(self) -> None:
         self._finished = True
+        assert self._life is not None
         self._life.finish()  # sources never delivered get their vkick_irq record now
         bus = self.rt.bus
         if bus.on:
@@ -287,20 +350,28 @@ class Host:
 
 
 async def self_check(config: ConfigLike = None, **overrides: Any) -> str | None:
-    """Run the same seed twice and compare the two event streams byte for byte.
+    """Run the same seed twice in this process and compare the two event streams byte for
+    byte: None when identical, else the first difference.
 
-    None when identical, else a description of the first difference.
+    Both runs share this process's ``str`` hash salt, so an order that depends on
+    ``hash()`` (a set of names iterated) comes out the same twice and this check cannot see
+    it; :func:`vkick.runtime.selfcheck.self_check_across_processes` (``vkick run
+    --self-check``) runs each copy in its own interpreter.  The streams go to temporary
+    files, so memory does not grow with the run.
     """
-    streams: list[list[bytes]] = [[], []]
-    for i in range(2):
-        out = streams[i]
-        async with Host.from_config(config, sinks=(lambda rec, o=out: o.append(
-                orjson.dumps(rec)),), **overrides) as host:
-            await host.run()
-    a, b = streams
-    for n, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return f"event #{n} differs:\n  run 1: {x.decode()}\n  run 2: {y.decode()}"
-    if len(a) != len(b):
-        return f"run 1 emitted {len(a)} events, run 2 emitted {len(b)}"
-    return None
+    with tempfile.TemporaryDirectory(prefix="vkick-selfcheck-") as tmp:
+        paths = [Path(tmp) / f"run{i + 1}.jsonl" for i in range(2)]
+        for path in paths:
+            with path.open("wb") as fh:
+                async with Host.from_config(config, sinks=(_line_writer(fh),),
+                                            **overrides) as host:
+                    await host.run()
+        with paths[0].open("rb") as a, paths[1].open("rb") as b:
+            return first_difference(a, b)
+
+
+def _line_writer(fh: IO[bytes]) -> EventSink:
+    def write(rec: EventRecord) -> None:
+        fh.write(orjson.dumps(rec) + b"\n")
+
+    return write

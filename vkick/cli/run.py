@@ -36,32 +36,19 @@ def add_parser(sub: Any) -> None:
                    help="run the seed twice and compare the event streams byte for byte")
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+def _run_section(args: argparse.Namespace, cfg: Any) -> Any:
+    """The config's ``[run]`` with the command line's options, validated as the file's
+    fields are (vkick.scenario.config.run_with); an error names the option."""
     from vkick.errors import ConfigError  # noqa: PLC0415
-    from vkick.runtime import PreemptPolicy, parse_duration_ns  # noqa: PLC0415
+    from vkick.scenario.config import run_with  # noqa: PLC0415
 
-    out: dict[str, Any] = {}
-    if args.seed is not None:
-        out["seed"] = args.seed
-    if args.duration is not None:
-        try:
-            out["duration"] = parse_duration_ns(args.duration)
-        except ValueError as exc:
-            raise ConfigError("<command line>", "--duration",
-                              str(exc).removeprefix("expected "), repr(args.duration)) from None
-    if args.policy is not None:
-        out["policy"] = PreemptPolicy.random() if args.policy == "random" \
-            else PreemptPolicy.none()
-    if args.log is not None:
-        out["log"] = args.log
-    if args.log_level is not None:
-        out["log_level"] = args.log_level
-    if args.log_max_bytes is not None:
-        if args.log_max_bytes <= 0:
-            raise ConfigError("<command line>", "--log-max-bytes", "a size > 0",
-                              str(args.log_max_bytes))
-        out["log_max_bytes"] = args.log_max_bytes
-    return out
+    try:
+        return run_with(cfg.run, "<command line>", seed=args.seed, duration=args.duration,
+                        policy=args.policy, log=args.log, log_level=args.log_level,
+                        log_max_bytes=args.log_max_bytes)
+    except ConfigError as exc:
+        raise ConfigError(exc.file, "--" + exc.field.replace("_", "-"), exc.expected,
+                          exc.got) from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -72,13 +59,13 @@ def main(args: argparse.Namespace) -> int:
     from vkick.scenario.config import load_config  # noqa: PLC0415
 
     cfg, source = load_config(args.config)
-    overrides = _overrides(args)
+    cfg = cfg.model_copy(update={"run": _run_section(args, cfg)})
     console = Console(highlight=False)
     if not console.is_terminal:
         console = Console(highlight=False, width=132)  # logs and pipes: no wrapping
     if args.self_check:
         return _self_check(args, cfg, console)
-    host = Host(cfg, source=source, **overrides)
+    host = Host(cfg, source=source)
 
     async def run() -> Any:
         async with host:
@@ -109,7 +96,7 @@ def _self_check(args: argparse.Namespace, cfg: Any, console: Any) -> int:
     from vkick.runtime.selfcheck import self_check_across_processes, vkick_command  # noqa: PLC0415
 
     argv = ["run"] + ([str(args.config)] if args.config is not None else [])
-    seed = cfg.run.seed if args.seed is None else args.seed
+    seed = cfg.run.seed
     argv += ["--seed", str(seed)]
     if args.duration is not None:
         argv += ["--duration", args.duration]
@@ -140,7 +127,7 @@ async def _progress(host: Any) -> None:
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task("", total=total)
         while True:
-            done = min(total, max(0, host.now_ns - host._t_start)) if host._started else 0
+            done = min(total, host.traffic_elapsed_ns)
             progress.update(task, completed=done,
                             description=f"{done / 1e6:.2f}/{total / 1e6:g} ms emulated, "
                                         f"{time.monotonic() - start + 1:.0f} s")

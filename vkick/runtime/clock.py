@@ -25,6 +25,15 @@ def parse_duration_ns(text: str | int) -> int:
     return round(float(value) * _UNITS[unit])
 
 
+def format_duration_ns(ns: int) -> str:
+    """``ns`` as :func:`parse_duration_ns` reads it back, in the largest exact unit
+    (``"10ms"``, ``"250us"``, ``"1500ns"``)."""
+    for unit, scale in (("s", NS_PER_S), ("ms", 1_000_000), ("us", 1_000)):
+        if ns and ns % scale == 0:
+            return f"{ns // scale}{unit}"
+    return f"{ns}ns"
+
+
 class Clock(Protocol):
     """Where emulated time comes from."""
 

@@ -10,6 +10,7 @@ checked here too, so a config that loads can be built.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from importlib.resources import files
@@ -289,6 +290,23 @@ class HostConfig(_Model):
                     raise _FieldError(f"vm[{i}].pin[{j}]", f"a pCPU < host.pcpus "
                                       f"({self.host.pcpus})", str(p))
         return self
+
+
+OVERRIDES_SOURCE = "<overrides>"
+
+
+def run_with(run: RunSection, source: str = OVERRIDES_SOURCE, **overrides: Any) -> RunSection:
+    """``run`` with ``overrides`` (``seed=``, ``duration=`` …; None keeps the config's)
+    validated as a config file's ``[run]`` table is: a bad value is one ConfigError line
+    naming ``source`` and the field."""
+    given = {k: os.fspath(v) if isinstance(v, os.PathLike) else v
+             for k, v in overrides.items() if v is not None}
+    if not given:
+        return run
+    try:
+        return RunSection.model_validate({**run.model_dump(), **given})
+    except ValidationError as exc:
+        raise validation_error_line(source, exc) from None
 
 
 def vm_names(vm: VmConfig) -> list[str]:
