@@ -170,3 +170,12 @@ def test_vkick_analyze_human_output_has_every_table(
     for title in ("vkick analyze", "interrupts per VM / vCPU", "VM exits and IPIs",
                   "signal → handler latency", "delivered interrupts over time"):
         assert title in out, title
+
+
+def test_vkick_run_unwritable_log_is_a_one_line_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--log`` naming a directory: exit 2 and one line naming the path, not an internal
+    error with a crash file."""
+    assert main(["run", "--duration", "100us", "--log", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"vkick: {tmp_path}: (log): expected a writable file, got Is a directory"

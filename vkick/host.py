@@ -32,6 +32,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
+from vkick.errors import ConfigError
 from vkick.obs.invariants import InvariantChecker, Violation
 from vkick.obs.irqlife import IrqLife, attach
 from vkick.obs.jsonl import JsonlWriter
@@ -161,7 +162,12 @@ class Host:
         run = self.config.run
         try:
             if run.log is not None:
-                self._writer = JsonlWriter(run.log, run.log_level, max_bytes=run.log_max_bytes)
+                try:
+                    self._writer = JsonlWriter(run.log, run.log_level,
+                                               max_bytes=run.log_max_bytes)
+                except OSError as exc:  # a directory, no permission …
+                    raise ConfigError(run.log, "(log)", "a writable file",
+                                      exc.strerror or str(exc)) from None
             # The lifecycle tracker emits from inside the fan-out: it must come last.
             self._life = attach(rt.bus, *(s for s in (self.stats, self._writer, *self._sinks,
                                                       self.checker) if s is not None))
