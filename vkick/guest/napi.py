@@ -40,10 +40,11 @@ class SoftnetData:
     repoll: list[NapiStruct] = field(default_factory=list)
     budget: int = 0
     time_squeeze: int = 0
-    step: Any = None  # the continuation action, built once
+    step: Any = None  # net_rx_action's continuation action (built once, below)
 
     def __post_init__(self) -> None:
         self.guest.softnet = self  # per_cpu(softnet_data, cpu)
+        self.step = ("call", lambda v: _net_rx_step(v, self))
 
 
 @dataclass(slots=True, eq=False)
@@ -153,8 +154,6 @@ def _net_rx_step(vcpu: Any, sd: SoftnetData) -> None:
         queued = guest.front_queued
         sd.budget -= napi_poll(n, sd.repoll)
         queued = guest.front_queued - queued
-        if sd.step is None:
-            sd.step = ("call", lambda v: _net_rx_step(v, sd))
         if queued:
             # The poll goes on after a preemption window (GuestCpu.preempt_then): the next
             # step (which re-checks the budget) waits until it has finished.
