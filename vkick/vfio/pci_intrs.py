@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass, field
 
-from vkick.hw.cpu import HwHost
+from vkick.hw.cpu import HwHost, smp_processor_id
 from vkick.hw.iommu import (
     PciDevice,
     free_irq,
@@ -61,8 +61,6 @@ def vfio_msihandler(irq: int, trigger: EventfdCtx) -> int:
     rt = trigger.rt
     bus = rt.bus
     if bus.on:
-        from vkick.hw.cpu import smp_processor_id  # noqa: PLC0415
-
         bus.emit("vfio_msihandler", pcpu=smp_processor_id(), efd=trigger.name,
                  irq=rt.cur_irq)
     eventfd_signal(trigger, 1)
