@@ -118,3 +118,29 @@ def test_irq_bypass_register_producer_reports_a_freed_consumer_on_its_list(
     assert [e["where"] for e in events] == ["irq_bypass_register_producer"]
     assert events[0]["what"] == "irq_bypass_consumer e"
     assert calls == ["add_producer"]  # and it connects to the freed consumer
+
+
+def test_irq_bypass_register_producer_reads_consumers_only_up_to_the_match(
+        rt: Runtime) -> None:
+    """list_for_each_entry stops at the consumer with the producer's token: a freed consumer
+    further down the list is never read, so no use after free is reported for it; one the
+    walk does reach is."""
+
+    def add(cons: IrqBypassConsumer, prod: IrqBypassProducer) -> int:
+        return 0
+
+    def delete(cons: IrqBypassConsumer, prod: IrqBypassProducer) -> None:
+        pass
+
+    older, newer = (IrqBypassConsumer(token=_ctx(rt), add_producer=add, del_producer=delete)
+                    for _ in range(2))
+    for consumer in (older, newer):
+        assert irq_bypass_register_consumer(rt, consumer) == 0  # list_add: newer first
+    kfree(older)
+    events: list[Any]
+    with capture_events(rt.bus, "vkick_use_after_free") as events:
+        assert irq_bypass_register_producer(rt, IrqBypassProducer(token=newer.token)) == 0
+    assert events == []  # the walk broke at newer, before reaching older
+    with capture_events(rt.bus, "vkick_use_after_free") as events:
+        assert irq_bypass_register_producer(rt, IrqBypassProducer(token=older.token)) == 0
+    assert [e["where"] for e in events] == ["irq_bypass_register_producer"]

@@ -15,6 +15,7 @@ from vkick.guest.fault_inject import FaultAttr, should_fail
 from vkick.guest.napi import (
     NapiStruct,
     SoftnetData,
+    __napi_schedule,
     napi_complete_done,
     napi_disable,
     napi_enable,
@@ -23,6 +24,7 @@ from vkick.guest.napi import (
 )
 from vkick.guest.page_alloc import GFP_ATOMIC, GFP_KERNEL, FailPageAlloc, should_fail_alloc_page
 from vkick.guest.sock import PAGE_SIZE, PageFrag, skb_page_frag_refill
+from vkick.guest.softirq import NET_RX_SOFTIRQ, irq_exit
 from vkick.guest.workqueue import DelayedWork, schedule_delayed_work
 from vkick.runtime.sched import PreemptPolicy
 from vkick.runtime.tasks import Runtime
@@ -161,3 +163,39 @@ def test_run_on_charges_the_running_cpu(rt_random: Runtime) -> None:
     assert home.running_on is None
     home.charge(5)
     assert home.charged_ns == 5
+
+
+def test_napi_poll_completes_a_full_weight_poll_while_napi_disable_waits(
+        rt_random: Runtime) -> None:
+    """Under sustained load (every poll uses its whole weight) a waiting napi_disable — as
+    refill_work's, retrying after msleep — takes SCHED: the poll that sees DISABLE completes
+    the instance instead of putting it back on the poll list (__napi_poll)."""
+    cpu = GuestCpu(rt_random)
+    vcpu = _Vcpu(cpu)
+    sd = SoftnetData(cpu)
+    cpu.softirq_handlers[NET_RX_SOFTIRQ] = lambda v: net_rx_action(v, sd)
+    polls: list[int] = []
+
+    def busy(n: NapiStruct, budget: int) -> int:
+        polls.append(budget)
+        return budget  # the ring never runs dry
+
+    def run_guest(steps: int) -> None:  # the CPU's next guest calls (the softirq's)
+        for _ in range(steps):
+            if cpu.actions:
+                cpu.actions.popleft()[1](vcpu)
+
+    n = _napi(sd, busy)
+    assert napi_schedule_prep(n)
+    __napi_schedule(n, sd)
+    irq_exit(vcpu)  # NET_RX runs: its polls repoll (nobody disables yet)
+    run_guest(3)
+    assert polls and n.sched
+    for _attempt in range(5):  # refill_work: napi_disable, else msleep(1) and again
+        if napi_disable(n):
+            break
+        run_guest(10)
+    else:
+        pytest.fail(f"napi_disable never took SCHED over {len(polls)} full-weight polls")
+    assert n.sched and not n.disable and not n.on_list and not sd.poll_list
+    assert not cpu.in_softirq and not cpu.actions

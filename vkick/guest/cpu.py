@@ -26,6 +26,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from vkick.guest.softirq import irq_exit
+
 if TYPE_CHECKING:
     from vkick.runtime.windows import Window
 
@@ -81,8 +83,6 @@ class GuestCpu:
             body.append(("eoi",))
         body.append(("iret",))
         if self.softirq_handlers:
-            from vkick.guest.softirq import irq_exit  # noqa: PLC0415
-
             body.append(("call", irq_exit))
         self.actions.extendleft(reversed(body))
 

@@ -5,7 +5,8 @@ A device's interrupt handler schedules its NAPI instance (``napi_schedule_prep``
 polls each scheduled instance with its weight, within a budget of ``netdev_budget`` packets
 per softirq run.  A poll that used less than its weight completes (``napi_complete_done``)
 and the driver re-enables interrupts; one that used all of it stays scheduled and is polled
-again.  Covered: napi_schedule_prep, __napi_schedule, napi_complete_done, napi_poll,
+again — unless a napi_disable is waiting for it: then the poll completes it.  Covered:
+napi_schedule_prep, __napi_schedule, napi_complete_done, napi_poll (with __napi_poll),
 net_rx_action, napi_enable, napi_disable, local_bh_enable.  Left out: GRO, busy polling,
 threaded NAPI, netpoll (NPSVC), ``napi_defer_hard_irqs`` / ``gro_flush_timeout`` (0 by
 default), the 2-jiffy time limit.
@@ -39,10 +40,11 @@ class SoftnetData:
     repoll: list[NapiStruct] = field(default_factory=list)
     budget: int = 0
     time_squeeze: int = 0
-    step: Any = None  # the continuation action, built once
+    step: Any = None  # net_rx_action's continuation action (built once, below)
 
     def __post_init__(self) -> None:
         self.guest.softnet = self  # per_cpu(softnet_data, cpu)
+        self.step = ("call", lambda v: _net_rx_step(v, self))
 
 
 @dataclass(slots=True, eq=False)
@@ -114,11 +116,16 @@ def _unlink(n: NapiStruct) -> None:
 
 
 def napi_poll(n: NapiStruct, repoll: list[NapiStruct]) -> int:
-    """net/core/dev.c: napi_poll — poll with the full weight; an instance that used all of
-    it did not complete and goes on ``repoll``."""
+    """net/core/dev.c: napi_poll → __napi_poll — poll with the full weight; an instance
+    that used all of it did not complete and goes on ``repoll`` — unless a napi_disable is
+    waiting (DISABLE): then it is completed here (napi_complete), so the disable can take
+    SCHED even while every poll uses the whole weight."""
     n.on_list = False
     work = n.poll(n, n.weight) if n.sched else 0
     if work < n.weight:
+        return work
+    if n.disable:  # napi_disable_pending
+        napi_complete_done(n, 0)  # napi_complete
         return work
     n.on_list = True
     repoll.append(n)
@@ -147,8 +154,6 @@ def _net_rx_step(vcpu: Any, sd: SoftnetData) -> None:
         queued = guest.front_queued
         sd.budget -= napi_poll(n, sd.repoll)
         queued = guest.front_queued - queued
-        if sd.step is None:
-            sd.step = ("call", lambda v: _net_rx_step(v, sd))
         if queued:
             # The poll goes on after a preemption window (GuestCpu.preempt_then): the next
             # step (which re-checks the budget) waits until it has finished.

@@ -24,8 +24,9 @@ def msecs_to_jiffies(m: int) -> int:
 
 
 def guest_timer(cpu: GuestCpu, jiffies: int, fn: Callable[[Any], None]) -> None:
-    """kernel/time/timer.c: add_timer on ``cpu`` for ``jiffies`` from now; at expiry
-    ``fn`` runs on that CPU as guest code (see the module note)."""
+    """vkick: a guest timer on ``cpu`` that expires ``jiffies`` from now — what
+    timer_setup + add_timer_on do in kernel/time/timer.c, in one call; at expiry ``fn`` runs
+    on that CPU as guest code (see the module note)."""
     rt = cpu.rt
     rt.loop.call_at((rt.now_ns() + jiffies * NS_PER_JIFFY) / NS_PER_S, cpu.push, "call", fn)
 

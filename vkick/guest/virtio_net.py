@@ -30,6 +30,8 @@ backwards, the device's next notifications all miss it and the queue stalls (spe
 
 from __future__ import annotations
 
+import errno
+import functools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,7 +74,6 @@ TX_QUEUE_LEN: Final = 1000  # the qdisc limit (dev->tx_queue_len)
 VNET_HDR_LEN: Final = 12  # struct virtio_net_hdr_mrg_rxbuf
 NET_XMIT_SUCCESS: Final = 0
 NET_XMIT_DROP: Final = 1
-ENOMEM: Final = 12
 # research/bugs.md #15: the RX re-enable after napi_complete (fixed by cbdadbbf0c79, v3.11).
 ENABLE_CB_OUTSIDE_NAPI_TOGGLE: Final = "bug-guest-enable-cb-outside-napi"
 
@@ -174,26 +175,41 @@ def virtqueue_napi_complete(napi: NapiStruct, vq: VringVirtqueue, processed: int
     no other CPU can take the vq's buffers — its napi_disable waits, its interrupt only
     sets MISSED — so the ``used_event`` stored is the newest.
     """
-    sd = napi.sd  # this CPU's: the poll runs where its poll list is
-    opaque = enable_cb_prepare_load(vq)
-    # W-GUEST-enable-cb: last_used_idx loaded ↔ used_event stored (prepare, SCHED held).
-    # The device may publish more used buffers meanwhile; the re-check below sees them.
-    if not sd.guest.preempt_then("W-GUEST-enable-cb", lambda vcpu: run_on(
-            napi.owner.guest, vcpu.guest,
-            lambda: _napi_complete_rest(napi, vq, processed, opaque, sd))):
-        _napi_complete_rest(napi, vq, processed, opaque, sd)
+    _enable_cb_window(napi, vq, functools.partial(_napi_complete_rest, napi, vq, processed))
 
 
 def _napi_complete_rest(napi: NapiStruct, vq: VringVirtqueue, processed: int, opaque: int,
                         sd: SoftnetData) -> None:
-    """virtqueue_napi_complete from the store of ``used_event`` on (``sd``: this CPU's)."""
-    _check_used_event(vq, opaque)
-    enable_cb_prepare_store(vq, opaque)
+    """virtqueue_napi_complete after the store of ``used_event`` (``sd``: this CPU's)."""
     if napi_complete_done(napi, processed):
         if virtqueue_poll(vq, opaque):
             virtqueue_napi_schedule(napi, vq, sd)
     else:
         virtqueue_disable_cb(vq)
+
+
+def _enable_cb_window(napi: NapiStruct, vq: VringVirtqueue,
+                      then: Callable[[int, SoftnetData], None]) -> None:
+    """vkick: the re-enable of a queue's callbacks split at W-GUEST-enable-cb — load
+    ``last_used_idx`` (the prepare's first half), the window, then on the CPU running the
+    poll store ``used_event`` and go on with ``then(last_used_idx, sd)`` (``sd``: that CPU's
+    softnet data, read before the window: another CPU may list the instance meanwhile)."""
+    sd = napi.sd  # this CPU's: the poll runs where its poll list is
+    last_used_idx = enable_cb_prepare_load(vq)
+
+    def rest() -> None:
+        _check_used_event(vq, last_used_idx)
+        enable_cb_prepare_store(vq, last_used_idx)
+        then(last_used_idx, sd)
+
+    # W-GUEST-enable-cb: last_used_idx loaded ↔ used_event stored.  v5.13 (SCHED held):
+    # the device may publish more used buffers; the re-check after the store sees them.
+    # Before 3.11 (SCHED clear, bug #15): a refill_work on another CPU may napi_disable,
+    # refill, poll the vq and store a newer used_event here; so may a poll on the queue's
+    # own vCPU, scheduled by its interrupt, when this poll is the refill_work's.
+    if not sd.guest.preempt_then("W-GUEST-enable-cb", lambda vcpu: run_on(
+            napi.owner.guest, vcpu.guest, rest)):
+        rest()
 
 
 def _check_used_event(vq: VringVirtqueue, used_event: int) -> None:
@@ -224,26 +240,14 @@ def virtnet_poll_complete_pre_3_11(napi: NapiStruct, vq: VringVirtqueue,
     v5.13's reschedule; napi_complete is v5.13's napi_complete_done (MISSED: stays
     scheduled, callbacks stay off).
     """
-    sd = napi.sd  # this CPU's (before napi_complete: another CPU may list it from now)
-    if not napi_complete_done(napi, processed):
-        return
-    last_used_idx = enable_cb_prepare_load(vq)
-    # W-GUEST-enable-cb: last_used_idx loaded ↔ used_event stored, with SCHED clear: a
-    # refill_work on another CPU may napi_disable, refill, poll the vq and store a newer
-    # used_event here; so may a poll on the queue's own vCPU, scheduled by its interrupt,
-    # when this poll is the refill_work's.
-    if not sd.guest.preempt_then("W-GUEST-enable-cb", lambda vcpu: run_on(
-            napi.owner.guest, vcpu.guest,
-            lambda: _enable_cb_pre_3_11_rest(napi, vq, last_used_idx, sd))):
-        _enable_cb_pre_3_11_rest(napi, vq, last_used_idx, sd)
+    if napi_complete_done(napi, processed):
+        _enable_cb_window(napi, vq, functools.partial(_enable_cb_pre_3_11_rest, napi, vq))
 
 
 def _enable_cb_pre_3_11_rest(napi: NapiStruct, vq: VringVirtqueue, last_used_idx: int,
                              sd: SoftnetData) -> None:
-    """v3.10 virtqueue_enable_cb from the store on, and virtnet_poll's reschedule on this
+    """v3.10 virtqueue_enable_cb after the store, and virtnet_poll's reschedule on this
     CPU (``sd``)."""
-    _check_used_event(vq, last_used_idx)
-    enable_cb_prepare_store(vq, last_used_idx)
     # virtio_mb; more_used: the vq's last_used_idx now, not the one loaded above.
     if more_used_split(vq):
         virtqueue_napi_schedule(napi, vq, sd)
@@ -282,7 +286,7 @@ def add_recvbuf_mergeable(vi: VirtnetInfo, rq: ReceiveQueue, gfp: int = GFP_KERN
     length = vi.rx_buf_len
     frag = rq.alloc_frag
     if not skb_page_frag_refill(length, frag, gfp, vi.fail_page_alloc):
-        return -ENOMEM
+        return -errno.ENOMEM
     rq.buf_seq += 1
     err = virtqueue_add_inbuf(rq.vq, rq.buf_seq, length)
     if not err:
@@ -297,7 +301,7 @@ def try_fill_recv(vi: VirtnetInfo, rq: ReceiveQueue, gfp: int = GFP_KERNEL) -> b
     oom = False
     while True:
         err = add_recvbuf_mergeable(vi, rq, gfp)
-        oom = err == -ENOMEM
+        oom = err == -errno.ENOMEM
         if err:
             break
         if not rq.vq.num_free:
@@ -558,7 +562,9 @@ def virtnet_open(vi: VirtnetInfo, vcpus: list[Any]) -> None:
 
 def make_queue_pair(vi: VirtnetInfo, index: int, rx: VringVirtqueue, tx: VringVirtqueue, *,
                     sd: SoftnetData, guest: Any) -> None:
-    """virtnet_alloc_queues + virtnet_find_vqs for one pair: queues, NAPIs, callbacks."""
+    """vkick: one queue pair's share of drivers/net/virtio_net.c: virtnet_alloc_queues
+    (the queues and their NAPI instances, netif_napi_add) and virtnet_find_vqs (the vq
+    callbacks) — vkick's own builder, called per pair by vkick/scenario/build.py."""
     rq_napi = NapiStruct(virtnet_poll, sd, weight=vi.napi_weight, name=f"{vi.name}.rx{index}")
     sq_napi = NapiStruct(virtnet_poll_tx, sd, weight=vi.napi_weight if vi.napi_tx else 0,
                          name=f"{vi.name}.tx{index}")
@@ -575,8 +581,9 @@ def make_queue_pair(vi: VirtnetInfo, index: int, rx: VringVirtqueue, tx: VringVi
 
 
 def vp_interrupt_handler(vq: VringVirtqueue) -> Callable[[Any], None]:
-    """drivers/virtio/virtio_pci_common.c: vp_vring_interrupt for a per-vq MSI-X vector:
-    the guest handler that vkick's guest CPU runs for that vector."""
+    """vkick: the guest handler of a per-vq MSI-X vector — drivers/virtio/virtio_pci_common.c:
+    vp_find_vqs_msix requests such a vector with vring_interrupt itself (vp_vring_interrupt,
+    which walks every vq, is the shared vector's handler)."""
 
     def handler(vcpu: Any) -> None:
         vring_interrupt(vq)

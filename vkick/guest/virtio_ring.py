@@ -13,6 +13,7 @@ flag); the ``used_event = 0`` "hack" spec §4.11 describes came with 5.14's
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -26,7 +27,6 @@ from vkick.vhost.vring import (
     vring_need_event,
 )
 
-ENOSPC: Final = 28
 IRQ_NONE: Final = 0
 IRQ_HANDLED: Final = 1
 
@@ -81,7 +81,7 @@ def virtqueue_add_split(vq: VringVirtqueue, data: Any, length: int, *, write: bo
     kick.  ``write``: device-writable (a receive buffer).
     """
     if vq.num_free < 1:
-        return -ENOSPC
+        return -errno.ENOSPC
     ring = vq.ring
     head = vq.free_head
     desc = ring.desc[head]
@@ -130,13 +130,6 @@ def virtqueue_notify(vq: VringVirtqueue) -> bool:
     return vq.notify(vq)
 
 
-def virtqueue_kick(vq: VringVirtqueue) -> bool:
-    """virtio_ring.c: virtqueue_kick — prepare, then notify if the device wants it."""
-    if virtqueue_kick_prepare(vq):
-        return virtqueue_notify(vq)
-    return True
-
-
 def more_used_split(vq: VringVirtqueue) -> bool:
     """virtio_ring.c: more_used_split — the device has used buffers we have not taken."""
     return vq.last_used_idx != vq.ring.used_idx
@@ -183,25 +176,27 @@ def virtqueue_disable_cb(vq: VringVirtqueue) -> None:
             vq.ring.avail_flags = vq.avail_flags_shadow
 
 
-def virtqueue_enable_cb_prepare(vq: VringVirtqueue) -> int:
-    """virtio_ring.c: virtqueue_enable_cb_prepare_split → the index to poll against.
-
-    Clear the flag (written without event idx) and always point ``used_event`` at
-    ``last_used_idx``: "interrupt me for the next used buffer".  The load of
-    ``last_used_idx`` and the store of ``used_event`` are two steps
-    (:func:`enable_cb_prepare_load`, :func:`enable_cb_prepare_store`); a caller that lets
-    another CPU run between them (W-GUEST-enable-cb) calls the two itself.
-    """
-    return enable_cb_prepare_store(vq, enable_cb_prepare_load(vq))
-
-
-def enable_cb_prepare_load(vq: VringVirtqueue) -> int:
-    """virtqueue_enable_cb_prepare_split up to the load of ``last_used_idx`` (the flag is
-    cleared first, as there)."""
+def _enable_interrupt_flag(vq: VringVirtqueue) -> None:
+    """The enable paths' first step (virtqueue_enable_cb_prepare_split and
+    virtqueue_enable_cb_delayed_split alike): clear ``VRING_AVAIL_F_NO_INTERRUPT`` in the
+    shadow, and in ``avail->flags`` without event idx."""
     if vq.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
         vq.avail_flags_shadow &= ~VRING_AVAIL_F_NO_INTERRUPT
         if not vq.event:
             vq.ring.avail_flags = vq.avail_flags_shadow
+
+
+def enable_cb_prepare_load(vq: VringVirtqueue) -> int:
+    """virtio_ring.c: virtqueue_enable_cb_prepare_split up to the load of ``last_used_idx``
+    → the index to poll against.
+
+    The prepare clears the flag (written without event idx) and always points
+    ``used_event`` at ``last_used_idx``: "interrupt me for the next used buffer".  Its load
+    of ``last_used_idx`` and its store of ``used_event`` are two steps (this and
+    :func:`enable_cb_prepare_store`), so that a caller can let another CPU run between
+    them (W-GUEST-enable-cb).
+    """
+    _enable_interrupt_flag(vq)
     return vq.last_used_idx
 
 
@@ -221,19 +216,11 @@ def virtqueue_poll(vq: VringVirtqueue, last_used_idx: int) -> bool:
     return (last_used_idx & U16) != vq.ring.used_idx
 
 
-def virtqueue_enable_cb(vq: VringVirtqueue) -> bool:
-    """virtio_ring.c: virtqueue_enable_cb — False if buffers are already pending (poll)."""
-    return not virtqueue_poll(vq, virtqueue_enable_cb_prepare(vq))
-
-
 def virtqueue_enable_cb_delayed(vq: VringVirtqueue) -> bool:
     """virtio_ring.c: virtqueue_enable_cb_delayed_split — re-enable, but ask for the
     interrupt only after 3/4 of the outstanding buffers are used; False if that many
     already are (store + full barrier, then the re-check)."""
-    if vq.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
-        vq.avail_flags_shadow &= ~VRING_AVAIL_F_NO_INTERRUPT
-        if not vq.event:
-            vq.ring.avail_flags = vq.avail_flags_shadow
+    _enable_interrupt_flag(vq)
     bufs = ((vq.avail_idx_shadow - vq.last_used_idx) & U16) * 3 // 4
     vq.ring.used_event = (vq.last_used_idx + bufs) & U16  # virtio_store_mb
     return ((vq.ring.used_idx - vq.last_used_idx) & U16) <= bufs

@@ -147,10 +147,13 @@ async def _guest_wait(vcpu: Any, pcpu: PhysicalCpu, until_ns: int | None) -> Non
     """The guest spins (``until_ns`` None: IF = 0 or nothing to do) or works until
     ``until_ns``; returns early on an arrival at this CPU or new guest work.
 
-    NOTE: one timer per work deadline, kept across interruptions (its callback only pokes
-    the CPU), rather than a new timer each time an interrupt preempts the work
-    (bench/bench_e2e.py).  ``work_deadline`` names the deadline a timer is still pending
-    for: the timer clears it when it fires, so a deadline met again later gets a new one.
+    NOTE: one timer per work deadline (its callback only pokes the CPU).  ``work_deadline``
+    names the deadline a timer is still pending for: a wake-up that leaves the deadline as
+    it was (an arrival that runs no handler, new work queued behind) keeps that timer, and
+    the timer clears it when it fires, so a deadline met again later gets a new one.  An
+    interrupt whose handler runs inside the work moves the deadline (the rest resumes as
+    ``("work", deadline - now)`` after the handler), so it arms a new timer; the old one
+    still fires at the old deadline, a spurious poke after which the work waits again.
     """
     rt = vcpu.kvm.rt
     loop = rt.loop

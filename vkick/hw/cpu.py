@@ -146,16 +146,23 @@ def sysvec_kvm_posted_intr_wakeup_ipi(host: HwHost) -> None:
 def send_ipi(host: HwHost, cpu: int, vector: int, vcpu_id: int = -1, vm: str = "") -> None:
     """apic->send_IPI(cpu, vector): a message to ``cpu``'s inbox after the IPI latency.
     ``vm``/``vcpu_id`` name the vCPU the IPI is meant for (for the event only)."""
-    rt = host.rt
-    bus = rt.bus
+    bus = host.rt.bus
     if bus.on:
         bus.emit("vkick_host_ipi", pcpu=cpu, hvector=vector, vm=vm, vcpu=vcpu_id)
+    interrupt_message(host, cpu, vector)
+
+
+def interrupt_message(host: HwHost, cpu: int, vector: int, irq: int = 0) -> None:
+    """vkick: an interrupt message (an IPI, or a remapped device interrupt with correlation
+    id ``irq``) travels to ``cpu``'s local APIC: :func:`ipi_arrive` after the IPI latency
+    (at once with none)."""
     pcpu = host.pcpus[cpu]
     lat = host.costs.ipi_latency_ns
     if lat <= 0:
-        ipi_arrive(pcpu, vector)
+        ipi_arrive(pcpu, vector, irq)
     else:
-        rt.loop.call_at((rt.now_ns() + lat) / 1e9, ipi_arrive, pcpu, vector)
+        rt = host.rt
+        rt.loop.call_at((rt.now_ns() + lat) / 1e9, ipi_arrive, pcpu, vector, irq)
 
 
 def ipi_arrive(pcpu: PhysicalCpu, vector: int, irq: int = 0) -> None:

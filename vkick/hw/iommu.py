@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from vkick.hw.cpu import HwHost, PhysicalCpu, ipi_arrive, send_ipi
+from vkick.hw.cpu import HwHost, PhysicalCpu, interrupt_message, send_ipi
 from vkick.runtime.tasks import Runtime
 
 IRQ_POSTING_CAP: Final = 0  # arch/x86/include/asm/irq_remapping.h: enum irq_remap_cap
@@ -143,17 +143,11 @@ def vtd_interrupt_request(iommu: Iommu, irte: Irte, irq: int) -> None:
         vtd_post_interrupt(iommu, irte, irq)
         return
     host = iommu.host
-    rt = host.rt
     cpu = irte.dst  # the modelled CPUs' APIC IDs are their numbers
-    bus = rt.bus
+    bus = host.rt.bus
     if bus.on:
         bus.emit("vkick_iommu_remap", pcpu=cpu, hvector=irte.vector, irq=irq)
-    pcpu = host.pcpus[cpu]
-    lat = host.costs.ipi_latency_ns
-    if lat <= 0:
-        ipi_arrive(pcpu, irte.vector, irq)
-    else:
-        rt.loop.call_at((rt.now_ns() + lat) / 1e9, ipi_arrive, pcpu, irte.vector, irq)
+    interrupt_message(host, cpu, irte.vector, irq)
 
 
 def vtd_post_interrupt(iommu: Iommu, irte: Irte, irq: int) -> None:

@@ -99,6 +99,10 @@ class EventfdCtx:
         # a reader (irqfd_wakeup, irqfd assignment take them over).
         self.irqs: list[int] = []
 
+    def f_op_poll(self, queue_proc: PollQueueProc | None) -> int:
+        """The file's poll operation (``eventfd_fops.poll``): :func:`eventfd_poll`."""
+        return eventfd_poll(self, queue_proc)
+
     def __repr__(self) -> str:
         return (f"<eventfd_ctx {self.name} count={self.count} flags={self.flags:#o} "
                 f"kref={self.kref} waiters={len(list(self.wqh))}>")

@@ -16,9 +16,9 @@ Covered: ``INIT_WORK`` (``WorkStruct``), ``queue_work_on``, ``queue_work``,
 ``schedule_work``, ``__queue_work``, ``worker_thread``, ``process_one_work``, ``flush_work``,
 ``flush_workqueue``, ``cancel_work_sync``, ``work_pending``, ``alloc_workqueue``,
 ``destroy_workqueue``, ``system_wq``, and delayed works (``DelayedWork``,
-``queue_delayed_work_on``, ``queue_delayed_work``, ``schedule_delayed_work``,
-``delayed_work_timer_fn``, ``cancel_delayed_work_sync``; delays in ns, not jiffies).  Work
-functions may be plain or ``async def``.
+``queue_delayed_work_on``, ``schedule_delayed_work``, ``delayed_work_timer_fn``,
+``cancel_delayed_work_sync``; delays in ns, not jiffies).  Work functions may be plain or
+``async def``.
 """
 
 from __future__ import annotations
@@ -441,11 +441,6 @@ def queue_delayed_work_on(cpu: int, wq: Workqueue, dwork: DelayedWork, delay_ns:
     dwork.timer = rt.loop.call_at((rt.now_ns() + delay_ns) / 1e9, delayed_work_timer_fn,
                                   dwork)
     return True
-
-
-def queue_delayed_work(wq: Workqueue, dwork: DelayedWork, delay_ns: int) -> bool:
-    """include/linux/workqueue.h: queue_delayed_work — on any CPU."""
-    return queue_delayed_work_on(WORK_CPU_UNBOUND, wq, dwork, delay_ns)
 
 
 def schedule_delayed_work(dwork: DelayedWork, delay_ns: int) -> bool:

@@ -82,7 +82,6 @@ KVM_ENABLE_CAP: Final = 0x4068AEA3  # _IOW(KVMIO, 0xa3, struct kvm_enable_cap)
 
 # Host vectors (arch/x86/include/asm/irq_vectors.h).
 POSTED_INTR_VECTOR: Final = 0xF2
-POSTED_INTR_WAKEUP_VECTOR: Final = 0xF1
 POSTED_INTR_NESTED_VECTOR: Final = 0xF0
 RESCHEDULE_VECTOR: Final = 0xFD
 CALL_FUNCTION_VECTOR: Final = 0xFC

@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass, field
 
-from vkick.hw.cpu import HwHost
+from vkick.hw.cpu import HwHost, smp_processor_id
 from vkick.hw.iommu import (
     PciDevice,
     free_irq,
@@ -24,7 +24,7 @@ from vkick.hw.iommu import (
     pci_irq_vector,
     request_irq,
 )
-from vkick.kernel.eventfd import EventfdCtx, eventfd_ctx_fileget, eventfd_ctx_put, eventfd_signal
+from vkick.kernel.eventfd import EventfdCtx, eventfd_ctx_fdget, eventfd_ctx_put, eventfd_signal
 from vkick.kernel.irqbypass import (
     IrqBypassProducer,
     irq_bypass_register_producer,
@@ -61,8 +61,6 @@ def vfio_msihandler(irq: int, trigger: EventfdCtx) -> int:
     rt = trigger.rt
     bus = rt.bus
     if bus.on:
-        from vkick.hw.cpu import smp_processor_id  # noqa: PLC0415
-
         bus.emit("vfio_msihandler", pcpu=smp_processor_id(), efd=trigger.name,
                  irq=rt.cur_irq)
     eventfd_signal(trigger, 1)
@@ -86,9 +84,10 @@ def vfio_msi_set_vector_signal(vdev: VfioPciDevice, vector: int,
     """drivers/vfio/pci/vfio_pci_intrs.c: vfio_msi_set_vector_signal  [process]
 
     Unbind the vector's old eventfd (unregister the bypass producer, free the IRQ, drop the
-    reference); with a new one (``trigger``, the kernel's fd): take a reference, request the
-    IRQ with vfio_msihandler, and register the bypass producer (token = the eventfd,
-    ``irq`` = the host IRQ) — which, if KVM's irqfd is already there, connects at once.
+    reference); with a new one (``trigger``, the kernel's fd): look it up and take a
+    reference (eventfd_ctx_fdget: -EBADF if the fd is closed), request the IRQ with
+    vfio_msihandler, and register the bypass producer (token = the eventfd, ``irq`` = the
+    host IRQ) — which, if KVM's irqfd is already there, connects at once.
     """
     if not 0 <= vector < len(vdev.ctx):
         return -errno.EINVAL
@@ -104,7 +103,9 @@ def vfio_msi_set_vector_signal(vdev: VfioPciDevice, vector: int,
     if trigger is None:
         return 0
     ctx.name = f"vfio-msix[{vector}]({vdev.pdev.name})"
-    eventfd_ctx_fileget(trigger)  # eventfd_ctx_fdget
+    r = eventfd_ctx_fdget(trigger)
+    if isinstance(r, int):  # the fd is closed: -EBADF
+        return r
     ret = request_irq(host, irq, vfio_msihandler, ctx.name, trigger)
     if ret:
         eventfd_ctx_put(trigger)

@@ -50,13 +50,13 @@ UIO_MAXIOV: Final = 1024
 
 @dataclass(slots=True, eq=False)
 class VhostNetVirtqueue:
-    """drivers/vhost/net.c: struct vhost_net_virtqueue (``heads[:done_idx]`` are the used
-    elements not yet added; ``pending_ns`` and ``batch`` are vkick's copy time and the TX
-    packets built into the current batch)."""
+    """drivers/vhost/net.c: struct vhost_net_virtqueue (``heads``: the used elements not
+    yet added — the kernel's ``vq->heads[0 .. done_idx)``, so ``done_idx`` is
+    ``len(heads)``; ``pending_ns`` and ``batch`` are vkick's copy time and the TX packets
+    built into the current batch)."""
 
     vq: VhostVirtqueue
     heads: list[tuple[int, int]] = field(default_factory=list)
-    done_idx: int = 0
     pending_ns: int = 0
     batch: list[SkBuff] = field(default_factory=list)
 
@@ -113,11 +113,12 @@ def vhost_net_disable_vq(net: VhostNet, vq: VhostVirtqueue) -> None:
 
 async def vhost_net_signal_used(nvq: VhostNetVirtqueue) -> None:
     """drivers/vhost/net.c: vhost_net_signal_used — add the done heads, signal once."""
-    if not nvq.done_idx:
+    if not nvq.heads:
         return
     await _spend(nvq)
-    await vhost_add_used_and_signal_n(nvq.vq, nvq.heads[:nvq.done_idx])
-    nvq.done_idx = 0
+    # vhost_add_used_n reads the heads before its first await (vhost_signal's); only this
+    # worker adds to them, after this returns.
+    await vhost_add_used_and_signal_n(nvq.vq, nvq.heads)
     nvq.heads.clear()
 
 
@@ -156,7 +157,7 @@ async def handle_tx(net: VhostNet) -> None:
     sent_pkts = 0
     total_len = 0
     while True:
-        if nvq.done_idx == VHOST_NET_BATCH:
+        if len(nvq.heads) == VHOST_NET_BATCH:  # done_idx
             await vhost_tx_batch(net, nvq)
         head = vhost_get_vq_desc(vq)
         if head == num:  # nothing new: wait for the guest's kick
@@ -171,8 +172,7 @@ async def handle_tx(net: VhostNet) -> None:
         if isinstance(skb, SkBuff):
             nvq.batch.append(skb)
         nvq.pending_ns += net.tx_packet_ns
-        nvq.heads.append((head, 0))
-        nvq.done_idx += 1
+        nvq.heads.append((head, 0))  # vq->heads[done_idx++]
         sent_pkts += 1
         if vhost_exceeds_weight(vq, sent_pkts, total_len):
             break
@@ -211,6 +211,7 @@ async def handle_rx(net: VhostNet) -> None:
     vhost_disable_notify(vq)
     vhost_net_disable_vq(net, vq)
     desc = vq.ring.desc
+    heads = nvq.heads  # cleared in place by each flush
     recv_pkts = 0
     total_len = 0
     sock_len = 0
@@ -220,7 +221,8 @@ async def handle_rx(net: VhostNet) -> None:
         if not sock_len:
             break
         vhost_len = sock_len + VNET_HDR_LEN
-        headcount = get_rx_bufs(vq, nvq.heads, vhost_len)
+        done_idx = len(heads)
+        headcount = get_rx_bufs(vq, heads, vhost_len)  # at vq->heads + done_idx
         if not headcount:
             if vhost_enable_notify(vq):
                 # They slipped one in as we were doing that: check again.
@@ -230,13 +232,11 @@ async def handle_rx(net: VhostNet) -> None:
             break
         skb = tun_recvmsg(sock)
         assert skb is not None
-        first = nvq.heads[nvq.done_idx][0]
-        desc[first].addr = (skb, headcount)  # the packet and num_buffers in the header
-        for i in range(nvq.done_idx + 1, nvq.done_idx + headcount):
-            desc[nvq.heads[i][0]].addr = None
+        desc[heads[done_idx][0]].addr = (skb, headcount)  # the packet, num_buffers
+        for i in range(done_idx + 1, done_idx + headcount):
+            desc[heads[i][0]].addr = None
         nvq.pending_ns += net.rx_packet_ns
-        nvq.done_idx += headcount
-        if nvq.done_idx > VHOST_NET_BATCH:
+        if len(heads) > VHOST_NET_BATCH:  # done_idx += headcount
             await vhost_net_signal_used(nvq)
         total_len += vhost_len
         recv_pkts += 1

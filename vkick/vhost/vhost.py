@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from vkick.kernel.eventfd import EventfdCtx, eventfd_signal
 from vkick.vhost.vring import (
@@ -31,9 +31,6 @@ from vkick.vhost.vring import (
     vring_need_event,
 )
 from vkick.vhost.worker import VhostDev, VhostPoll, vhost_poll_queue
-
-if TYPE_CHECKING:
-    from vkick.runtime.tasks import Runtime
 
 NO_BARRIER_TOGGLE: Final = "vhost-notify-no-barrier"
 
@@ -161,7 +158,7 @@ async def vhost_notify(vq: VhostVirtqueue) -> bool:
     return vring_need_event(event, new, old)
 
 
-async def vhost_signal(vq: VhostVirtqueue, rt: Runtime | None = None) -> bool:
+async def vhost_signal(vq: VhostVirtqueue) -> bool:
     """drivers/vhost/vhost.c: vhost_signal — eventfd_signal(call_ctx, 1) if vhost_notify
     says so  [process: vhost worker]
 
@@ -169,8 +166,7 @@ async def vhost_signal(vq: VhostVirtqueue, rt: Runtime | None = None) -> bool:
     travels with the interrupt to the guest handler.  Returns whether it signalled.
     """
     ctx = vq.call_ctx
-    runtime = rt if rt is not None else (vq.dev.rt if vq.dev is not None else
-                                         ctx.rt if ctx is not None else None)
+    runtime = vq.dev.rt if vq.dev is not None else ctx.rt if ctx is not None else None
     if ctx is None and vq.used_idx_store >= 0:
         # vhost-notify-no-barrier: no load follows to be reordered with the buffered
         # used->idx store; it drains (becomes visible) on its own.

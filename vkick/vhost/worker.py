@@ -2,10 +2,11 @@
 the vhost kthread.
 
 Covered: vhost_poll_init, vhost_poll_wakeup, vhost_poll_start, vhost_poll_stop,
-vhost_poll_queue, vhost_work_queue, vhost_worker, vhost_dev_set_owner (the worker's start),
-vhost_dev_stop.  A poll's wake-up runs ``vhost_poll_wakeup`` synchronously in the waker (the
-vCPU's ``ioeventfd_write`` for a kick eventfd, the tap for a socket); it only queues work,
-the worker task does it.  Files are polled through :func:`vfs_poll`.
+vhost_poll_queue, vhost_work_queue, vhost_worker, and the worker's start in
+vhost_dev_set_owner (:func:`vhost_dev_start`).  A poll's wake-up runs ``vhost_poll_wakeup``
+synchronously in the waker (the vCPU's ``ioeventfd_write`` for a kick eventfd, the tap for
+a socket); it only queues work, the worker task does it.  Files are polled through
+:func:`vfs_poll`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from vkick.kernel.eventfd import EventfdCtx, PollQueueProc, eventfd_poll
+from vkick.kernel.eventfd import PollQueueProc
 from vkick.kernel.sched import (
     TASK_INTERRUPTIBLE,
     TASK_RUNNING,
@@ -41,16 +42,15 @@ VHOST_NET_PKT_WEIGHT: Final = 256  # packets per handler round
 
 
 class PollFile(Protocol):
-    """A file with a ``poll`` file operation (``f_op->poll``): the tap socket."""
+    """A file with a ``poll`` file operation (``f_op->poll``): an eventfd (a kick), the tap
+    socket."""
 
     def f_op_poll(self, queue_proc: PollQueueProc | None) -> int: ...
 
 
-def vfs_poll(file: EventfdCtx | PollFile, queue_proc: PollQueueProc | None) -> int:
+def vfs_poll(file: PollFile, queue_proc: PollQueueProc | None) -> int:
     """include/linux/poll.h: vfs_poll — call the file's poll: join its wait queue through
     ``queue_proc`` (poll_wait) and return the ready mask."""
-    if isinstance(file, EventfdCtx):
-        return eventfd_poll(file, queue_proc)
     return file.f_op_poll(queue_proc)
 
 
@@ -106,14 +106,16 @@ def vhost_poll_wakeup(wait: WaitQueueEntry, mode: int, sync: int, key: int) -> i
 
 def vhost_poll_init(dev: VhostDev, fn: Callable[[VhostWork], Any], owner: Any,
                     mask: int = EPOLLIN) -> VhostPoll:
-    """drivers/vhost/vhost.c: vhost_poll_init."""
+    """drivers/vhost/vhost.c: vhost_poll_init (``mask``: the wake keys that queue the
+    work — EPOLLIN for every poll here: the kick polls and the RX socket poll; the TX
+    socket poll, EPOLLOUT, is not modelled)."""
     wait = WaitQueueEntry(vhost_poll_wakeup)
     poll = VhostPoll(dev, VhostWork(fn, owner=owner), wait, mask)
     wait.private = poll
     return poll
 
 
-def vhost_poll_start(poll: VhostPoll, file: EventfdCtx | PollFile) -> int:
+def vhost_poll_start(poll: VhostPoll, file: PollFile) -> int:
     """drivers/vhost/vhost.c: vhost_poll_start — add the entry (plain add_wait_queue, after
     any priority entries), then act on what the poll reports: a file already readable
     queues the work now.  0, or -EINVAL when the file reports an error."""
@@ -179,7 +181,12 @@ async def vhost_worker(dev: VhostDev) -> None:
 
 
 def vhost_dev_start(dev: VhostDev) -> None:
-    """drivers/vhost/vhost.c: vhost_dev_set_owner — create and start the device's worker
-    kthread (``vhost-<owner pid>``; here ``vhost-<device>``)."""
+    """vkick: the worker's start in drivers/vhost/vhost.c: vhost_dev_set_owner
+    (VHOST_SET_OWNER)  [process]
+
+    Create and start the device's worker kthread (``vhost-<owner pid>``; here
+    ``vhost-<device>``).  The rest of vhost_dev_set_owner (the -EBUSY owner check, the mm,
+    cgroups, iovecs) has nothing to do here.
+    """
     dev.worker = TaskStruct(dev.rt, f"vhost-{dev.name}")
     dev.rt.spawn(dev.worker.comm, vhost_worker, dev)

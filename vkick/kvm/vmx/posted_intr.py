@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from vkick.hw.cpu import (
+    POSTED_INTR_WAKEUP_VECTOR,
     current_pcpu,
     local_irq_disable,
     local_irq_enable,
@@ -40,7 +41,6 @@ from vkick.kvm.kvm_host import (
     KVM_IRQ_ROUTING_MSI,
     KVM_REQ_UNBLOCK,
     POSTED_INTR_VECTOR,
-    POSTED_INTR_WAKEUP_VECTOR,
     Kvm,
     KvmLapicIrq,
     KvmVcpu,
