@@ -47,6 +47,20 @@ def test_the_built_in_default_is_configs_default() -> None:
     assert load_config(None)[0] == load_config(ROOT / "configs" / "default.toml")[0]
 
 
+def test_configs_readme_format_example_parses() -> None:
+    """configs/README.md's format example is a valid config as printed, and with its
+    commented-out ``# field = value`` lines switched on."""
+    import re  # noqa: PLC0415
+    import tomllib  # noqa: PLC0415
+
+    text = (ROOT / "configs" / "README.md").read_text()
+    (example,) = re.findall(r"```toml\n(.*?)```", text, re.S)
+    parse_config(tomllib.loads(example), "configs/README.md")
+    switched_on = re.sub(r"^# (\w+ = )", r"\1", example, flags=re.M)
+    assert switched_on.count("\n# ") < example.count("\n# ")
+    parse_config(tomllib.loads(switched_on), "configs/README.md")
+
+
 def test_queue_placement_defaults_and_overrides() -> None:
     """Queue q defaults to vCPU q mod vcpus with vectors 0x41 + 2q / 0x42 + 2q; a
     ``[[vm.net.queue]]`` entry overrides them."""
