@@ -513,25 +513,6 @@ def test_sched_setaffinity_moves_a_vcpu_thread_at_its_next_preemption_point() ->
     assert kvm.host.pcpus[0].owner is None
 
 
-def test_runtime_spawn_starts_tasks_with_a_fresh_context() -> None:
-    """A task spawned from a vCPU thread (or a hardirq handler) does not inherit its CPU."""
-    rt = Runtime(seed=0)
-    kvm = rt.call(lambda: build_assigned_vm(rt, vcpu_cpus=[0], nr_pcpus=1))
-    got: list[int] = []
-
-    async def child() -> None:
-        got.append(smp_processor_id())
-
-    async def main() -> None:
-        token = current_pcpu.set(kvm.host.pcpus[0])
-        rt.spawn("child", child)
-        current_pcpu.reset(token)
-        await rt.sleep_ns(10)
-
-    rt.run(main)
-    assert got == [-1]
-
-
 # ---------------------------------------------------------------------------- end to end
 
 
