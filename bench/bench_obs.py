@@ -6,7 +6,8 @@ Run: ``python bench/bench_obs.py``.  Targets (issue 5): logging every event of t
 scenario ≤ 1.6× the run without a log; ``vkick analyze`` ≥ 500,000 events/s.
 
 "Without a log" is ``vkick run`` as it runs by default: the statistics, lifecycle and
-invariant consumers subscribed (so every emit site builds its record).  "Every event" is a
+invariant consumers subscribed (each names the events it reads in ``wants``; the bus builds
+no other record).  "Every event" is a
 debug-level log; the default info level is shown too.  analyze is measured as ``vkick
 analyze`` does it (``vkick.cli.analyze.analyze``: read, statistics, oracle).
 """

@@ -47,6 +47,20 @@ def test_the_built_in_default_is_configs_default() -> None:
     assert load_config(None)[0] == load_config(ROOT / "configs" / "default.toml")[0]
 
 
+def test_configs_readme_format_example_parses() -> None:
+    """configs/README.md's format example is a valid config as printed, and with its
+    commented-out ``# field = value`` lines switched on."""
+    import re  # noqa: PLC0415
+    import tomllib  # noqa: PLC0415
+
+    text = (ROOT / "configs" / "README.md").read_text()
+    (example,) = re.findall(r"```toml\n(.*?)```", text, re.S)
+    parse_config(tomllib.loads(example), "configs/README.md")
+    switched_on = re.sub(r"^# (\w+ = )", r"\1", example, flags=re.M)
+    assert switched_on.count("\n# ") < example.count("\n# ")
+    parse_config(tomllib.loads(switched_on), "configs/README.md")
+
+
 def test_queue_placement_defaults_and_overrides() -> None:
     """Queue q defaults to vCPU q mod vcpus with vectors 0x41 + 2q / 0x42 + 2q; a
     ``[[vm.net.queue]]`` entry overrides them."""
@@ -118,14 +132,10 @@ def test_parse_config_errors_are_config_errors() -> None:
     assert str(info.value).startswith("<test>: vm[0].vcpus: expected")
 
 
-def test_known_toggles_are_documented() -> None:
-    """Every toggle a config may name has a one-line description."""
-    assert all(isinstance(d, str) and d for d in KNOWN_TOGGLES.values())
-
-
 def test_every_toggle_the_code_reads_is_registered_and_documented() -> None:
     """Each toggle name the kernel-mirroring code tests (``"name" in ….toggles``) is in the
-    one registry, and every registered toggle has its row in docs/bug-toggles.md."""
+    one registry with a one-line description, and every registered toggle has its row in
+    docs/bug-toggles.md."""
     import re  # noqa: PLC0415
 
     used: set[str] = set()
@@ -135,6 +145,7 @@ def test_every_toggle_the_code_reads_is_registered_and_documented() -> None:
         used |= set(re.findall(r'TOGGLE\w*: Final = "([a-z0-9-]+)"', text))
     assert len(used) >= 20
     assert used <= set(KNOWN_TOGGLES), sorted(used - set(KNOWN_TOGGLES))
+    assert all(isinstance(d, str) and d for d in KNOWN_TOGGLES.values())
     doc = (ROOT / "docs" / "bug-toggles.md").read_text()
     assert [t for t in KNOWN_TOGGLES if f"| `{t}` |" not in doc] == []
 

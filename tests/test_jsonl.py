@@ -228,8 +228,10 @@ _PIECES = [b'{"t": 1, "ev": "kvm_exit"}', b'{"t": 22, "ev": "kvm_entry", "x": "a
 def test_block_reader_matches_the_line_by_line_reader(
         tmp_path_factory: pytest.TempPathFactory, pieces: list[tuple[bytes, int]],
         newline_at_end: bool, block: int) -> None:
+    """read_events' block reader yields the same records and bad lines as a reader taking
+    one readline at a time, over random mixes of good, bad, long and cut lines."""
     # Small limits so long lines, lines across blocks and lines longer than several
-    # blocks all occur; the reference reads the same bytes one readline at a time.
+    # blocks all occur.
     max_line = 64
     data = b"\n".join(piece * (n or 1) if n < 3 else piece * 5 for piece, n in pieces)
     if newline_at_end and data:

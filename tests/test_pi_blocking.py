@@ -74,13 +74,6 @@ def _vm(rt: Runtime, *, posting: bool = True, assigned: bool = True, n: int = 2)
     return kvm
 
 
-def _run(rt: Runtime, coro: Any) -> Any:
-    async def go() -> Any:
-        return await coro
-
-    return rt.call(go)
-
-
 # ---------------------------------------------------------------------------- vmx_vcpu_pi_load
 
 
@@ -89,7 +82,7 @@ def test_vmx_vcpu_pi_load_does_nothing_when_sn_is_clear_and_the_cpu_is_unchanged
     """§12.6 step 1: SN clear and the same CPU: the descriptor is left alone (even PIR/ON)."""
     vcpu = _vm(rt).vcpus[0]
     vcpu.pi_desc.pir = 1 << 0x51
-    _run(rt, vmx_vcpu_pi_load(vcpu, 0))
+    rt.call(vmx_vcpu_pi_load, vcpu, 0)
     assert (vcpu.pi_desc.on, vcpu.pi_desc.ndst) == (False, pi_ndst(0))
 
 
@@ -97,7 +90,7 @@ def test_vmx_vcpu_pi_load_rewrites_ndst_and_clears_sn_on_migration(rt: Runtime) 
     """§12.6 step 3: a migrated vCPU's NDST names its new CPU (xAPIC format), SN cleared."""
     vcpu = _vm(rt).vcpus[0]
     vcpu.pi_desc.sn = True
-    _run(rt, vmx_vcpu_pi_load(vcpu, 1))
+    rt.call(vmx_vcpu_pi_load, vcpu, 1)
     assert (vcpu.pi_desc.ndst, vcpu.pi_desc.sn, vcpu.pi_desc.on) == (0x100, False, False)
 
 
@@ -106,7 +99,7 @@ def test_vmx_vcpu_pi_load_only_clears_sn_when_nv_is_the_wakeup_vector(rt: Runtim
     vcpu = _vm(rt).vcpus[0]
     vcpu.pi_desc.nv = POSTED_INTR_WAKEUP_VECTOR
     vcpu.pi_desc.sn = True
-    _run(rt, vmx_vcpu_pi_load(vcpu, 1))
+    rt.call(vmx_vcpu_pi_load, vcpu, 1)
     assert (vcpu.pi_desc.ndst, vcpu.pi_desc.sn) == (pi_ndst(0), False)
 
 
@@ -116,7 +109,7 @@ def test_vmx_vcpu_pi_load_ndst_rewrite_toggle_moves_a_blocked_vcpus_ndst(rt: Run
     kvm.toggles = frozenset({"pi-ndst-rewrite-when-blocked"})
     vcpu = kvm.vcpus[0]
     vcpu.pi_desc.nv = POSTED_INTR_WAKEUP_VECTOR
-    _run(rt, vmx_vcpu_pi_load(vcpu, 1))
+    rt.call(vmx_vcpu_pi_load, vcpu, 1)
     assert vcpu.pi_desc.ndst == pi_ndst(1)
 
 
@@ -129,7 +122,7 @@ def test_vmx_vcpu_pi_load_sets_on_when_pir_collected_bits_under_sn(
     vcpu = kvm.vcpus[0]
     vcpu.pi_desc.sn = True
     vcpu.pi_desc.pir = 1 << 0x51
-    _run(rt, vmx_vcpu_pi_load(vcpu, 0))
+    rt.call(vmx_vcpu_pi_load, vcpu, 0)
     assert vcpu.pi_desc.sn is False
     assert vcpu.pi_desc.on is (not toggles)
 
@@ -189,7 +182,7 @@ def test_pi_pre_block_returns_0_and_changes_nothing_without_an_assigned_device(
     """§12.7 step 1: no assigned device → 0, NV stays POSTED_INTR_VECTOR, no list."""
     kvm = _vm(rt, assigned=False)
     vcpu = kvm.vcpus[0]
-    assert _run(rt, pi_pre_block(vcpu)) == 0
+    assert rt.call(pi_pre_block, vcpu) == 0
     assert (vcpu.pi_desc.nv, vcpu.pre_pcpu, kvm.host.pcpus[0].blocked_vcpu_on_cpu) == (
         POSTED_INTR_VECTOR, -1, [])
 
@@ -199,7 +192,7 @@ def test_pi_pre_block_switches_to_the_wakeup_vector_and_lists_the_vcpu(rt: Runti
     kvm = _vm(rt)
     vcpu = kvm.vcpus[1]
     vcpu.pi_desc.ndst = pi_ndst(0)
-    assert _run(rt, pi_pre_block(vcpu)) == 0
+    assert rt.call(pi_pre_block, vcpu) == 0
     assert (vcpu.pre_pcpu, vcpu.pi_desc.nv, vcpu.pi_desc.ndst) == (
         1, POSTED_INTR_WAKEUP_VECTOR, pi_ndst(1))
     assert kvm.host.pcpus[1].blocked_vcpu_on_cpu == [vcpu]
@@ -210,7 +203,7 @@ def test_pi_pre_block_undoes_and_returns_1_when_on_is_set(rt: Runtime) -> None:
     kvm = _vm(rt)
     vcpu = kvm.vcpus[0]
     vcpu.pi_desc.on = True
-    assert _run(rt, pi_pre_block(vcpu)) == 1
+    assert rt.call(pi_pre_block, vcpu) == 1
     assert (vcpu.pre_pcpu, vcpu.pi_desc.nv) == (-1, POSTED_INTR_VECTOR)
     assert kvm.host.pcpus[0].blocked_vcpu_on_cpu == []
 
@@ -250,9 +243,9 @@ def test_pi_post_block_restores_the_notification_vector_on_the_current_cpu(
     """§12.7: NDST := the CPU the vCPU now runs on, NV := POSTED_INTR_VECTOR, unlisted."""
     kvm = _vm(rt)
     vcpu = kvm.vcpus[0]
-    _run(rt, pi_pre_block(vcpu))
+    rt.call(pi_pre_block, vcpu)
     vcpu.cpu = 1  # woken on another CPU
-    _run(rt, pi_post_block(vcpu))
+    rt.call(pi_post_block, vcpu)
     assert (vcpu.pre_pcpu, vcpu.pi_desc.nv, vcpu.pi_desc.ndst) == (
         -1, POSTED_INTR_VECTOR, pi_ndst(1))
     assert kvm.host.pcpus[0].blocked_vcpu_on_cpu == []
@@ -518,25 +511,6 @@ def test_sched_setaffinity_moves_a_vcpu_thread_at_its_next_preemption_point() ->
     rt.run(main)
     assert (vcpu.cpu, vcpu.task.cpu, vcpu.pi_desc.ndst) == (1, 1, pi_ndst(1))
     assert kvm.host.pcpus[0].owner is None
-
-
-def test_runtime_spawn_starts_tasks_with_a_fresh_context() -> None:
-    """A task spawned from a vCPU thread (or a hardirq handler) does not inherit its CPU."""
-    rt = Runtime(seed=0)
-    kvm = rt.call(lambda: build_assigned_vm(rt, vcpu_cpus=[0], nr_pcpus=1))
-    got: list[int] = []
-
-    async def child() -> None:
-        got.append(smp_processor_id())
-
-    async def main() -> None:
-        token = current_pcpu.set(kvm.host.pcpus[0])
-        rt.spawn("child", child)
-        current_pcpu.reset(token)
-        await rt.sleep_ns(10)
-
-    rt.run(main)
-    assert got == [-1]
 
 
 # ---------------------------------------------------------------------------- end to end

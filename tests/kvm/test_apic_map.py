@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from helpers import lapic as _apic
 
 from vkick.kvm.irq_comm import kvm_send_userspace_msi
 from vkick.kvm.kvm_host import (
@@ -23,8 +24,6 @@ from vkick.kvm.kvm_host import (
     MSR_IA32_APICBASE_ENABLE,
     X2APIC_ENABLE,
     Kvm,
-    KvmLapic,
-    KvmVcpu,
     MpState,
 )
 from vkick.kvm.kvm_main import kvm_create_vm, kvm_vm_ioctl_create_vcpu
@@ -40,19 +39,15 @@ from vkick.obs.apicmap import apic_map_diffs
 from vkick.runtime.tasks import Runtime
 from vkick.runtime.windows import Window
 from vkick.scenario.runner import build_vm, restore_booted_vcpu
-from vkick.testing import capture_events
+from vkick.testing import call_settled, capture_events
 
 NMI = 0x400  # MSI data: delivery mode NMI (accepted whatever SVR says)
 
 
 
 def _run(rt: Runtime, fn: Callable[..., Awaitable[Any]], *args: Any, **kw: Any) -> Any:
-    async def go() -> Any:
-        r = await fn(*args, **kw)
-        await rt.wait_quiescent()
-        return r
-
-    return rt.call(go)
+    """``call_settled`` with keyword arguments too."""
+    return call_settled(rt, functools.partial(fn, *args, **kw))
 
 
 def _booted(rt: Runtime, n: int, *, x2apic: bool = False,
@@ -60,11 +55,6 @@ def _booted(rt: Runtime, n: int, *, x2apic: bool = False,
     kvm: Kvm = rt.call(functools.partial(build_vm, rt, nr_vcpus=n, apicv=False,
                                          x2apic=x2apic, eoi_auto=True, toggles=toggles))
     return kvm
-
-
-def _apic(v: KvmVcpu) -> KvmLapic:
-    assert v.arch.apic is not None
-    return v.arch.apic
 
 
 def _phys(kvm: Kvm) -> dict[int, int]:

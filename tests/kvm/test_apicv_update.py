@@ -8,6 +8,8 @@ import functools
 from typing import Any
 
 import pytest
+from helpers import lapic as _apic
+from helpers import vm_between_ioctls
 
 from vkick.kvm.kvm_host import (
     APICV_INHIBIT_REASON_DISABLE,
@@ -20,9 +22,6 @@ from vkick.kvm.kvm_host import (
     KVM_IRQCHIP_NONE,
     KVM_REQ_APICV_UPDATE,
     KVM_REQ_EVENT,
-    Kvm,
-    KvmLapic,
-    KvmVcpu,
 )
 from vkick.kvm.kvm_main import (
     kvm_clear_request,
@@ -57,34 +56,13 @@ from vkick.obs.invariants import pi_structural_violations
 from vkick.runtime.sched import DONE
 from vkick.runtime.tasks import Runtime
 from vkick.scenario.assigned_device import run_assigned_device
-from vkick.scenario.runner import build_vm
 from vkick.testing import capture_events
 
 V = 0x51
 
 
 
-def _vm(rt: Runtime, n: int = 2, apicv: bool = True,
-        toggles: frozenset[str] = frozenset(), irqchip: str = "split") -> Kvm:
-    """A VM whose vCPU threads are not running (as between ioctls)."""
-    kvm: Kvm = rt.call(functools.partial(build_vm, rt, nr_vcpus=n, apicv=apicv,
-                                         x2apic=False, eoi_auto=True, toggles=toggles,
-                                         irqchip=irqchip))
-    for v in kvm.vcpus:
-        v.cpu = v.home_cpu
-    return kvm
-
-
-def _apic(vcpu: KvmVcpu) -> KvmLapic:
-    assert vcpu.arch.apic is not None
-    return vcpu.arch.apic
-
-
-def _run(rt: Runtime, coro_fn: Any, *args: Any) -> Any:
-    async def go() -> Any:
-        return await coro_fn(*args)
-
-    return rt.call(go)
+_vm = functools.partial(vm_between_ioctls, apicv=True)
 
 
 # ---------------------------------------------------------------------------- VM state
@@ -99,7 +77,7 @@ def test_kvm_apicv_init_sets_the_disable_reason_only_without_apicv(rt: Runtime) 
     assert on.arch.apicv_inhibit_reasons == 0
     assert not kvm_apicv_activated(off) and kvm_apicv_activated(on)
     for apicv in (False, True):
-        vcpu = _vm(rt, 1, apicv).vcpus[0]
+        vcpu = _vm(rt, 1, apicv=apicv).vcpus[0]
         arch = vcpu.arch
         assert (arch.apicv_active, arch.pin_posted_intr, arch.virtual_intr_delivery) == (
             apicv, apicv, apicv)
@@ -117,7 +95,7 @@ def test_kvm_request_apicv_update_ignores_a_reason_vmx_does_not_use(rt: Runtime)
     """kvm_request_apicv_update: an SVM-only reason changes nothing and requests nothing."""
     kvm = _vm(rt)
     with capture_events(rt.bus, "kvm_apicv_update_request") as evs:
-        _run(rt, kvm_request_apicv_update, kvm, False, APICV_INHIBIT_REASON_IRQWIN)
+        rt.call(kvm_request_apicv_update, kvm, False, APICV_INHIBIT_REASON_IRQWIN)
     assert kvm.arch.apicv_inhibit_reasons == 0 and evs == []
     assert not any(kvm_test_request(KVM_REQ_APICV_UPDATE, v) for v in kvm.vcpus)
 
@@ -134,7 +112,7 @@ def test_kvm_request_apicv_update_requests_every_vcpu_only_on_a_transition(
         for v in kvm.vcpus:
             kvm_clear_request(KVM_REQ_APICV_UPDATE, v)
         with capture_events(rt.bus, "kvm_apicv_update_request") as evs:
-            _run(rt, kvm_request_apicv_update, kvm, activate, bit)
+            rt.call(kvm_request_apicv_update, kvm, activate, bit)
         return (kvm.arch.apicv_inhibit_reasons, [e["activate"] for e in evs],
                 [kvm_test_request(KVM_REQ_APICV_UPDATE, v) for v in kvm.vcpus])
 
@@ -169,14 +147,14 @@ def test_kvm_vcpu_update_apicv_takes_the_vm_state_and_rewrites_the_vmcs_controls
         kvm_clear_request(KVM_REQ_EVENT, vcpu)
         kvm.arch.apicv_inhibit_reasons = 1 << APICV_INHIBIT_REASON_HYPERV
         with capture_events(rt.bus, "kvm_vcpu_update_apicv") as evs:
-            _run(rt, kvm_vcpu_update_apicv, vcpu)
+            rt.call(kvm_vcpu_update_apicv, vcpu)
         arch = vcpu.arch
         assert (arch.apicv_active, arch.pin_posted_intr, arch.virtual_intr_delivery) == (
             False, False, False)
         assert kvm_test_request(KVM_REQ_EVENT, vcpu) is req_event
         assert [e["active"] for e in evs] == [False]
         kvm.arch.apicv_inhibit_reasons = 0
-        _run(rt, kvm_vcpu_update_apicv, vcpu)
+        rt.call(kvm_vcpu_update_apicv, vcpu)
         assert (arch.apicv_active, arch.pin_posted_intr, arch.virtual_intr_delivery) == (
             True, True, True)
 
@@ -205,12 +183,12 @@ def test_kvm_vcpu_update_apicv_leaves_svi_stale_on_activation_until_the_fix(
         kvm = _vm(rt, 1, toggles=toggles)
         vcpu = kvm.vcpus[0]
         kvm.arch.apicv_inhibit_reasons = 1 << APICV_INHIBIT_REASON_HYPERV
-        _run(rt, kvm_vcpu_update_apicv, vcpu)
+        rt.call(kvm_vcpu_update_apicv, vcpu)
         apic = _apic(vcpu)
         apic.isr |= 1 << V  # kvm_get_apic_interrupt with APICv off: apic_set_isr
         apic.isr_count, apic.highest_isr_cache = 1, V
         kvm.arch.apicv_inhibit_reasons = 0
-        _run(rt, kvm_vcpu_update_apicv, vcpu)
+        rt.call(kvm_vcpu_update_apicv, vcpu)
         assert vcpu.arch.svi == svi
 
 
@@ -234,14 +212,14 @@ def test_kvm_apic_update_apicv_pins_the_counters_with_apicv_and_rescans_without(
     apic = _apic(vcpu)
     vcpu.arch.apicv_active = False
     apic.irr, apic.isr = 0, (1 << 0x61) | (1 << 0x71)
-    _run(rt, kvm_apic_update_apicv, vcpu)
+    rt.call(kvm_apic_update_apicv, vcpu)
     assert (apic.irr_pending, apic.isr_count) == (False, 2)
     apic.irr = 1 << V
-    _run(rt, kvm_apic_update_apicv, vcpu)
+    rt.call(kvm_apic_update_apicv, vcpu)
     assert apic.irr_pending
     vcpu.arch.apicv_active = True
     apic.irr = 0
-    _run(rt, kvm_apic_update_apicv, vcpu)
+    rt.call(kvm_apic_update_apicv, vcpu)
     assert (apic.irr_pending, apic.isr_count) == (True, 1)
 
 
@@ -268,7 +246,7 @@ def test_kvm_apic_update_apicv_stores_a_stale_scan_over_a_concurrent_set_irr(
 
     rt.preempt = spy
     vcpu.arch.apicv_active = False
-    _run(rt, kvm_apic_update_apicv, vcpu)
+    rt.call(kvm_apic_update_apicv, vcpu)
     assert windows == ([] if not hidden else ["W-APICV-update"])
     if not hidden:
         kvm_lapic_set_irr(V, apic)  # the same sender, now after the update
@@ -288,11 +266,11 @@ def test_kvm_apic_update_apicv_keeps_highest_isr_cache_across_activation_until_t
     vcpu = _vm(rt, 1, toggles=toggles).vcpus[0]
     apic = _apic(vcpu)
     vcpu.arch.apicv_active = False
-    _run(rt, kvm_apic_update_apicv, vcpu)
+    rt.call(kvm_apic_update_apicv, vcpu)
     apic.isr |= 1 << 0x61
     apic.isr_count, apic.highest_isr_cache = 1, 0x61
     vcpu.arch.apicv_active = True
-    _run(rt, kvm_apic_update_apicv, vcpu)
+    rt.call(kvm_apic_update_apicv, vcpu)
     assert apic.highest_isr_cache == cache
     apic.isr = 0  # the guest's EOI, virtualized: no exit, KVM is not told
     assert apic_find_highest_isr(apic) == (0x61 if cache != -1 else -1)
@@ -325,7 +303,7 @@ def test_apic_has_interrupt_for_ppr_harvests_pir_with_apicv_inhibited_only_with_
     kvm = _vm(rt, 1, toggles=toggles)
     vcpu = kvm.vcpus[0]
     kvm.arch.apicv_inhibit_reasons = 1 << APICV_INHIBIT_REASON_HYPERV
-    _run(rt, kvm_vcpu_update_apicv, vcpu)
+    rt.call(kvm_vcpu_update_apicv, vcpu)
     vcpu.pi_desc.pir, vcpu.pi_desc.on = 1 << V, True  # the IOMMU posted
     assert apic_has_interrupt_for_ppr(_apic(vcpu), 0) == found
     assert vcpu.pi_desc.on is (found == -1)
@@ -376,7 +354,7 @@ def test_kvm_vcpu_ioctl_enable_cap_synic_inhibits_apicv_for_the_vm(rt: Runtime) 
     kvm = _vm(rt)
     v0, v1 = kvm.vcpus
     with capture_events(rt.bus, "kvm_hv_activate_synic", "kvm_vcpu_update_apicv") as evs:
-        r = _run(rt, kvm_arch_vcpu_ioctl, v0, KVM_ENABLE_CAP,
+        r = rt.call(kvm_arch_vcpu_ioctl, v0, KVM_ENABLE_CAP,
                  KvmEnableCap(KVM_CAP_HYPERV_SYNIC))
     assert r == 0
     assert kvm.arch.apicv_inhibit_reasons == 1 << APICV_INHIBIT_REASON_HYPERV
@@ -397,10 +375,10 @@ def test_kvm_vcpu_ioctl_enable_cap_rejects_bad_arguments(rt: Runtime) -> None:
     for cap in (KvmEnableCap(KVM_CAP_HYPERV_SYNIC, flags=1),
                 KvmEnableCap(KVM_CAP_HYPERV_SYNIC2, args=(1, 0, 0, 0)),
                 KvmEnableCap(7)):
-        assert _run(rt, kvm_vcpu_ioctl_enable_cap, vcpu, cap) == -22
-    assert _run(rt, kvm_arch_vcpu_ioctl, vcpu, 0xAE80, KvmEnableCap(0)) == -22
+        assert rt.call(kvm_vcpu_ioctl_enable_cap, vcpu, cap) == -22
+    assert rt.call(kvm_arch_vcpu_ioctl, vcpu, 0xAE80, KvmEnableCap(0)) == -22
     kvm.arch.irqchip_mode = KVM_IRQCHIP_NONE
-    assert _run(rt, kvm_vcpu_ioctl_enable_cap, vcpu,
+    assert rt.call(kvm_vcpu_ioctl_enable_cap, vcpu,
                 KvmEnableCap(KVM_CAP_HYPERV_SYNIC2)) == -22
     assert kvm.arch.apicv_inhibit_reasons == 0 and not vcpu.arch.hv_synic_active
 
@@ -500,5 +478,5 @@ def test_kvm_apic_set_state_with_apicv_off_restores_an_irr_the_8a_fix_hides(
     apic.irr_pending = False  # nothing was pending before the restore
     state = kvm_apic_get_state(vcpu)
     state.irr = 1 << V
-    assert _run(rt, kvm_apic_set_state, vcpu, state) == 0
+    assert rt.call(kvm_apic_set_state, vcpu, state) == 0
     assert (apic_find_highest_irr(apic) == V) is visible

@@ -7,15 +7,18 @@ from __future__ import annotations
 import errno
 
 import pytest
+from helpers import ioapic as _ioapic
+from helpers import lapic as _apic
+from helpers import new_eventfd as _efd
+from helpers import program_rte as _program
+from helpers import vm_between_ioctls
 
-from vkick.kernel.eventfd import EventfdCtx, eventfd_ctx_create, eventfd_signal
+from vkick.kernel.eventfd import eventfd_signal
 from vkick.kvm.eventfd import KvmIrqAckNotifier, kvm_irqfd_assign, kvm_register_irq_ack_notifier
 from vkick.kvm.ioapic import (
     EOI_INJECT_DELAY_NS,
-    IOAPIC_REG_SELECT,
     IOAPIC_REG_WINDOW,
     IOAPIC_SUCCESSIVE_IRQ_MAX_COUNT,
-    KvmIoapic,
     ioapic_mmio_read,
     ioapic_mmio_write,
     ioapic_service,
@@ -84,38 +87,12 @@ MASKED = 1 << 16
 
 def _vm(rt: Runtime, n: int = 2, apicv: bool = False,
         toggles: frozenset[str] = frozenset()) -> Kvm:
-    """A VM with the in-kernel IOAPIC whose vCPU threads are not running."""
-    kvm = rt.call(lambda: build_vm(rt, nr_vcpus=n, apicv=apicv, x2apic=False,
-                                   eoi_auto=True, irqchip="kernel", toggles=toggles))
+    """A VM with the in-kernel IOAPIC whose vCPU threads are not running, no request
+    pending."""
+    kvm = vm_between_ioctls(rt, n, apicv, irqchip="kernel", toggles=toggles)
     for v in kvm.vcpus:
-        v.cpu = v.home_cpu
         v.requests = 0
     return kvm
-
-
-def _ioapic(kvm: Kvm) -> KvmIoapic:
-    ioapic: KvmIoapic = kvm.arch.vioapic
-    return ioapic
-
-
-def _apic(v: KvmVcpu) -> KvmLapic:
-    assert v.arch.apic is not None
-    return v.arch.apic
-
-
-def _program(kvm: Kvm, pin: int, entry: int) -> None:
-    """The guest's write of a whole redirection entry: high half, then low half."""
-    ioapic = _ioapic(kvm)
-    for reg, val in ((0x11 + 2 * pin, entry >> 32), (0x10 + 2 * pin, entry & 0xFFFFFFFF)):
-        assert ioapic_mmio_write(None, ioapic, BASE + IOAPIC_REG_SELECT, 4, reg) == 0
-        assert ioapic_mmio_write(None, ioapic, BASE + IOAPIC_REG_WINDOW, 4, val) == 0
-
-
-
-def _efd(rt: Runtime, name: str) -> EventfdCtx:
-    ctx = eventfd_ctx_create(rt, name=name)
-    assert isinstance(ctx, EventfdCtx)
-    return ctx
 
 
 # ------------------------------------------------------------------ creation, registers

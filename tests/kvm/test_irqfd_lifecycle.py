@@ -10,11 +10,12 @@ import errno
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from vkick.kernel.eventfd import EventfdCtx, eventfd_ctx_create, eventfd_signal
+from helpers import new_eventfd as _efd
+
 from vkick.kernel.file import close_fd
 from vkick.kvm.eventfd import KvmKernelIrqfd, kvm_irqfd_assign, kvm_irqfd_deassign
 from vkick.runtime import PreemptPolicy, Runtime, SitePolicy
-from vkick.scenario.irqfd_lifecycle import GSI, build_vms
+from vkick.scenario.irqfd_lifecycle import GSI, _signal, build_vms
 from vkick.testing import capture_events
 
 NO_SRCU = "bug-irqfd-assign-no-srcu"
@@ -34,18 +35,6 @@ def _run(rt: Runtime, body: Callable[[Runtime], Coroutine[Any, Any, None]]) -> N
         await rt.wait_quiescent()
 
     rt.run(main)
-
-
-def _efd(rt: Runtime, name: str = "efd") -> EventfdCtx:
-    ctx = eventfd_ctx_create(rt, name=name)
-    assert isinstance(ctx, EventfdCtx)
-    return ctx
-
-
-def _signal(rt: Runtime, ctx: EventfdCtx) -> None:
-    rt.cur_irq = rt.next_irq_id()
-    eventfd_signal(ctx, 1)
-    rt.cur_irq = 0
 
 
 def test_kvm_irqfd_assign_takes_references_and_irqfd_shutdown_frees_the_irqfd() -> None:

@@ -7,10 +7,12 @@ import functools
 from typing import Any
 
 import pytest
+from helpers import new_eventfd as _efd
+from helpers import vm_between_ioctls as _vm
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vkick.kernel.eventfd import EventfdCtx, eventfd_ctx_create, eventfd_signal
+from vkick.kernel.eventfd import eventfd_signal
 from vkick.kernel.sched import TASK_INTERRUPTIBLE, TaskStruct
 from vkick.kvm import lapic
 from vkick.kvm.eventfd import (
@@ -50,16 +52,6 @@ from vkick.kvm.vmx.vmx import vmx_deliver_posted_interrupt, vmx_sync_pir_to_irr
 from vkick.runtime.tasks import Runtime
 from vkick.scenario.runner import build_vm
 from vkick.testing import call_settled, capture_events
-
-
-def _vm(rt: Runtime, n: int = 2, apicv: bool = False) -> Kvm:
-    """A VM whose vCPU threads are not running (as between ioctls)."""
-    kvm: Kvm = rt.call(functools.partial(build_vm, rt, nr_vcpus=n, apicv=apicv,
-                                         x2apic=False, eoi_auto=True))
-    for v in kvm.vcpus:
-        v.cpu = v.home_cpu
-    return kvm
-
 
 
 def _irr(v: KvmVcpu) -> int:
@@ -123,12 +115,6 @@ def test_kvm_set_irq_routing_refuses_vector_below_16(rt: Runtime) -> None:
 
 
 # ------------------------------------------------------------------ irqfd
-
-
-def _efd(rt: Runtime, name: str = "efd") -> EventfdCtx:
-    ctx = eventfd_ctx_create(rt, name=name)
-    assert isinstance(ctx, EventfdCtx)
-    return ctx
 
 
 def test_kvm_irqfd_assign_second_irqfd_on_same_eventfd_is_ebusy(rt: Runtime) -> None:

@@ -5,11 +5,16 @@ v5.13 EOI-exit-bitmap bug that hides level EOIs from the IOAPIC under APICv."""
 from __future__ import annotations
 
 import errno
+import functools
 from typing import Any
 
 import pytest
+from helpers import ioapic as _ioapic
+from helpers import lapic, vm_between_ioctls
+from helpers import new_eventfd as _efd
+from helpers import program_rte as _program
 
-from vkick.kernel.eventfd import EventfdCtx, eventfd_ctx_create, eventfd_signal
+from vkick.kernel.eventfd import eventfd_signal
 from vkick.kvm.eventfd import (
     KVM_IRQFD_FLAG_RESAMPLE,
     KvmIrqAckNotifier,
@@ -21,19 +26,12 @@ from vkick.kvm.eventfd import (
     kvm_register_irq_ack_notifier,
     kvm_unregister_irq_ack_notifier,
 )
-from vkick.kvm.ioapic import (
-    IOAPIC_REG_SELECT,
-    IOAPIC_REG_WINDOW,
-    KvmIoapic,
-    ioapic_mmio_write,
-)
 from vkick.kvm.irqchip import IrqchipRoute, MsiRoute, kvm_set_irq_routing
 from vkick.kvm.kvm_host import (
     KVM_IRQCHIP_IOAPIC,
     KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID,
     KVM_REQ_SCAN_IOAPIC,
     Kvm,
-    KvmLapic,
 )
 from vkick.kvm.kvm_main import kvm_test_request
 from vkick.runtime.sched import PreemptPolicy
@@ -41,43 +39,12 @@ from vkick.runtime.tasks import Runtime
 from vkick.scenario.runner import build_vm, start_vcpus
 from vkick.testing import call_settled, capture_events
 
-BASE = 0xFEC00000
 LEVEL = 1 << 15
 FIX = frozenset({"fix-eoi-exitmap-uninitialized"})
 
 
 
-def _vm(rt: Runtime, n: int = 1, apicv: bool = False, irqchip: str = "kernel",
-        toggles: frozenset[str] = frozenset(), eoi_auto: bool = True) -> Kvm:
-    kvm = rt.call(lambda: build_vm(rt, nr_vcpus=n, apicv=apicv, x2apic=False,
-                                   eoi_auto=eoi_auto, irqchip=irqchip, toggles=toggles))
-    for v in kvm.vcpus:
-        v.cpu = v.home_cpu
-    return kvm
-
-
-def _ioapic(kvm: Kvm) -> KvmIoapic:
-    ioapic: KvmIoapic = kvm.arch.vioapic
-    return ioapic
-
-
-def _apic(kvm: Kvm, i: int = 0) -> KvmLapic:
-    apic = kvm.vcpus[i].arch.apic
-    assert apic is not None
-    return apic
-
-
-def _program(kvm: Kvm, pin: int, entry: int) -> None:
-    ioapic = _ioapic(kvm)
-    for reg, val in ((0x11 + 2 * pin, entry >> 32), (0x10 + 2 * pin, entry & 0xFFFFFFFF)):
-        ioapic_mmio_write(None, ioapic, BASE + IOAPIC_REG_SELECT, 4, reg)
-        ioapic_mmio_write(None, ioapic, BASE + IOAPIC_REG_WINDOW, 4, val)
-
-
-def _efd(rt: Runtime, name: str) -> EventfdCtx:
-    ctx = eventfd_ctx_create(rt, name=name)
-    assert isinstance(ctx, EventfdCtx)
-    return ctx
+_vm = functools.partial(vm_between_ioctls, n=1, irqchip="kernel")
 
 
 
@@ -152,8 +119,8 @@ def test_irqfd_inject_with_a_resampler_only_asserts(rt: Runtime) -> None:
     assert ioapic.irq_states[5] == 1 << KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID
     assert ioapic.irq_states[6] == 0
     assert ioapic.irr == 1 << 5
-    assert _apic(kvm).irr == 1 << 0x61 | 1 << 0x62  # both delivered once, TMR set
-    assert _apic(kvm).tmr == 1 << 0x61 | 1 << 0x62
+    assert lapic(kvm.vcpus[0]).irr == 1 << 0x61 | 1 << 0x62  # both delivered once, TMR set
+    assert lapic(kvm.vcpus[0]).tmr == 1 << 0x61 | 1 << 0x62
 
 
 def test_irqfd_resampler_ack_deasserts_once_then_signals_every_resamplefd(
@@ -202,7 +169,7 @@ def test_irqfd_resampler_ack_is_not_reached_from_an_msi_gsi(rt: Runtime) -> None
     assert call_settled(rt, kvm_irqfd_assign, kvm, ctx, 1, KVM_IRQFD_FLAG_RESAMPLE, resamplefd) == 0
     with capture_events(rt.bus, "irqfd_wakeup") as events:
         call_settled(rt, eventfd_signal, ctx, 1)
-    assert events[0]["r"] == 1 and _apic(kvm).irr == 1 << 0x41
+    assert events[0]["r"] == 1 and lapic(kvm.vcpus[0]).irr == 1 << 0x41
     for pin in range(24):
         kvm_notify_acked_irq(kvm, KVM_IRQCHIP_IOAPIC, pin)
     assert resamplefd.count == 0

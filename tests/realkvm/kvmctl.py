@@ -17,6 +17,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -391,6 +392,12 @@ def probe() -> str | None:
     finally:
         vm.close()
     return None
+
+
+def kernel_version() -> tuple[int, int]:
+    """The running kernel's (major, minor) from uname, (0, 0) if its release says none."""
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def poll_until(pred: Callable[[], bool], timeout_s: float = 0.1) -> bool:

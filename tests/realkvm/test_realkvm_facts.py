@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,12 +23,7 @@ if _reason is not None:
 EPERM_RESULT = -1  # KVM_SIGNAL_MSI returning -1 reaches userspace as ioctl() == -1, EPERM
 
 
-def _kernel_version() -> tuple[int, int]:
-    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
-    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-
-
-KERNEL = _kernel_version()
+KERNEL = k.kernel_version()
 
 
 def _vector_hashing() -> bool:

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from typing import Any
 
 import kvmctl as k
 import pytest
 
-from vkick.kernel.eventfd import EFD_SEMAPHORE, EventfdCtx, eventfd_ctx_create, eventfd_signal
+from vkick.kernel.eventfd import EFD_SEMAPHORE, EventfdCtx, eventfd_ctx_create
 from vkick.kvm.eventfd import kvm_irqfd_assign, kvm_irqfd_deassign
 from vkick.kvm.irqchip import MsiRoute, kvm_set_irq_routing_sync
 from vkick.runtime import Runtime
-from vkick.scenario.irqfd_lifecycle import build_vms
+from vkick.scenario.irqfd_lifecycle import _signal, build_vms
 from vkick.testing import capture_events
 
 _reason = k.probe()
@@ -26,12 +25,7 @@ if _reason is not None:
     pytest.skip(f"real KVM unavailable: {_reason}", allow_module_level=True)
 
 
-def _kernel_version() -> tuple[int, int]:
-    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
-    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-
-
-KERNEL = _kernel_version()
+KERNEL = k.kernel_version()
 GSI = 1
 
 
@@ -48,12 +42,6 @@ def _model(toggles: frozenset[str], script: Any) -> Any:
         return out, [(e["vm"], e["vector"]) for e in events]
 
     return rt.run(main)
-
-
-def _signal(rt: Runtime, ctx: EventfdCtx) -> None:
-    rt.cur_irq = rt.next_irq_id()
-    eventfd_signal(ctx, 1)
-    rt.cur_irq = 0
 
 
 def test_kvm_irqfd_assign_second_vm_on_one_eventfd_matches_the_model() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from vkick.obs.jsonl import JsonlWriter
 from vkick.runtime.clock import VirtualClock
 from vkick.runtime.events import EventBus
@@ -20,6 +22,8 @@ class _Picky:
 
 
 def test_only_wanted_events_are_built_and_seq_counts_every_emit() -> None:
+    """A sink that wants only "a" gets only the "a" records, numbered as if every emit
+    had been built."""
     bus = EventBus(VirtualClock())
     picky = _Picky("a")
     bus.subscribe(picky)
@@ -29,6 +33,8 @@ def test_only_wanted_events_are_built_and_seq_counts_every_emit() -> None:
 
 
 def test_a_sink_without_wants_makes_every_record_built_until_it_leaves() -> None:
+    """While a sink without ``wants`` is subscribed every record is built and handed to
+    every sink; once it unsubscribes, unwanted records are not built again."""
     bus = EventBus(VirtualClock())
     picky, everything = _Picky("a"), _Picky()
     everything.wants = None  # type: ignore[assignment]
@@ -47,8 +53,8 @@ def test_a_sink_without_wants_makes_every_record_built_until_it_leaves() -> None
 
 
 def test_a_run_summary_is_the_same_whether_or_not_every_event_is_built(tmp_path: Any) -> None:
-    # With a debug log every record is built; without one only what the statistics,
-    # the lifecycle tracker and the oracle read.  Their results must not differ.
+    """A run's summary is the same with a debug log (every record built) as without one
+    (only what the statistics, the lifecycle tracker and the oracle read)."""
     quiet = run_config(None, duration="2ms")
     logged = run_config(None, duration="2ms", log=tmp_path / "log.jsonl", log_level="debug")
     assert quiet.summary == logged.summary
@@ -56,5 +62,13 @@ def test_a_run_summary_is_the_same_whether_or_not_every_event_is_built(tmp_path:
 
 
 def test_the_debug_writer_wants_every_event(tmp_path: Any) -> None:
-    with JsonlWriter(tmp_path / "x.jsonl", "debug") as w:
-        assert getattr(w, "wants", None) is None
+    """A debug-level JsonlWriter beside a sink that wants only ``kvm_exit`` still gets a
+    ``kvm_entry``: the bus builds every record while it listens."""
+    bus = EventBus(VirtualClock())
+    path = tmp_path / "x.jsonl"
+    bus.subscribe(_Picky("kvm_exit"))
+    with JsonlWriter(path, "debug") as w:
+        bus.subscribe(w)
+        bus.emit("kvm_entry", vm="vm0", vcpu=0, pcpu=0)
+    assert [orjson.loads(line) for line in path.read_bytes().splitlines()] == [
+        {"t": 0, "ev": "kvm_entry", "seq": 0, "vm": "vm0", "vcpu": 0, "pcpu": 0}]

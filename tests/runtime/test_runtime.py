@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from vkick.hw.cpu import current_pcpu, smp_processor_id
 from vkick.kernel.sched import TASK_INTERRUPTIBLE, TaskStruct, schedule, set_current_state
 from vkick.runtime import (
     DeadlockError,
@@ -22,6 +23,7 @@ from vkick.runtime import (
 )
 from vkick.runtime.loop import VirtualEventLoop
 from vkick.runtime.windows import WINDOWS, Window
+from vkick.scenario.assigned_device import build_assigned_vm
 
 _WORKLOAD_WINDOWS: tuple[Window, ...] = ("W-PI-send", "W-REQ-send", "W-WQ-run", "W-SEQ-copy")
 
@@ -454,3 +456,22 @@ def test_runtime_close_unwinds_tasks_in_name_order() -> None:
 
     rt.run(main)
     assert unwound == ["t0", "t1", "t2", "t3", "t4"]
+
+
+def test_runtime_spawn_starts_tasks_with_a_fresh_context() -> None:
+    """A task spawned from a vCPU thread (or a hardirq handler) does not inherit its CPU."""
+    rt = Runtime(seed=0)
+    kvm = rt.call(lambda: build_assigned_vm(rt, vcpu_cpus=[0], nr_pcpus=1))
+    got: list[int] = []
+
+    async def child() -> None:
+        got.append(smp_processor_id())
+
+    async def main() -> None:
+        token = current_pcpu.set(kvm.host.pcpus[0])
+        rt.spawn("child", child)
+        current_pcpu.reset(token)
+        await rt.sleep_ns(10)
+
+    rt.run(main)
+    assert got == [-1]

@@ -5,10 +5,7 @@ a poll's continuation, and code of one CPU's queue running on another (run_on)."
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from vkick.guest.cpu import GuestCpu, run_on
 from vkick.guest.fault_inject import FaultAttr, should_fail
@@ -26,16 +23,7 @@ from vkick.guest.page_alloc import GFP_ATOMIC, GFP_KERNEL, FailPageAlloc, should
 from vkick.guest.sock import PAGE_SIZE, PageFrag, skb_page_frag_refill
 from vkick.guest.softirq import NET_RX_SOFTIRQ, irq_exit
 from vkick.guest.workqueue import DelayedWork, schedule_delayed_work
-from vkick.runtime.sched import PreemptPolicy
 from vkick.runtime.tasks import Runtime
-
-
-@pytest.fixture
-def rt_random() -> Iterator[Runtime]:
-    """A runtime whose policy may preempt (GuestCpu.preempt_then splits only then)."""
-    runtime = Runtime(policy=PreemptPolicy.random())
-    yield runtime
-    runtime.close()
 
 
 def _always(**kw: Any) -> FaultAttr:
