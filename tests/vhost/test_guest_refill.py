@@ -7,6 +7,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
+
 from vkick.guest.cpu import GuestCpu, run_on
 from vkick.guest.fault_inject import FaultAttr, should_fail
 from vkick.guest.napi import (
