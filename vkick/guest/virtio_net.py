@@ -368,10 +368,10 @@ def virtnet_receive(rq: ReceiveQueue, budget: int) -> int:
     """
     vi = rq.vi
     vq = rq.vq
-    desc = vq.ring.desc
+    desc_addr = vq.ring.desc_addr
     packets = 0
     while packets < budget:
-        got = virtqueue_get_buf_with_content(vq, desc)
+        got = virtqueue_get_buf_with_content(vq, desc_addr)
         if got is None:
             break
         receive_buf(vi, rq, got[0], got[1])
@@ -382,13 +382,14 @@ def virtnet_receive(rq: ReceiveQueue, budget: int) -> int:
     return packets
 
 
-def virtqueue_get_buf_with_content(vq: VringVirtqueue, desc: Any) -> tuple[Any, int] | None:
+def virtqueue_get_buf_with_content(vq: VringVirtqueue, desc_addr: list[Any],
+                                   ) -> tuple[Any, int] | None:
     """virtqueue_get_buf, reading what the device wrote into the buffer (vkick: a
     buffer's content is its descriptor's ``addr``)."""
     head_len = _peek_used_head(vq)
     if head_len is None:
         return None
-    content = desc[head_len].addr
+    content = desc_addr[head_len]
     got = virtqueue_get_buf(vq)
     assert got is not None
     return content, got[1]
@@ -398,7 +399,7 @@ def _peek_used_head(vq: VringVirtqueue) -> int | None:
     ring = vq.ring
     if vq.last_used_idx == ring.used_idx:
         return None
-    return ring.used_ring[vq.last_used_idx & (ring.num - 1)][0]
+    return ring.used_id[vq.last_used_idx & (ring.num - 1)]
 
 
 def virtnet_poll(napi: NapiStruct, budget: int) -> int:

@@ -3,7 +3,7 @@ taking used buffers, and turning device interrupts off and on (spec §4.11, §16
 
 One descriptor per buffer (a virtio-net packet with ``VIRTIO_F_ANY_LAYOUT`` takes one
 descriptor, or one indirect descriptor), so a head is a descriptor index and the free list
-is chained through ``desc[i].next``.
+is chained through ``desc_next[i]``.
 
 v5.13 detail (checked against the 5.12.9 tree and the v5.13-era hinlin tree):
 ``virtqueue_disable_cb_split`` with event idx writes nothing to the ring (only the shadow
@@ -14,6 +14,7 @@ flag); the ``used_event = 0`` "hack" spec §4.11 describes came with 5.14's
 from __future__ import annotations
 
 import errno
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -64,8 +65,7 @@ class VringVirtqueue:
         if not self.data:
             self.data = [None] * num
             self.num_free = num
-            for i, d in enumerate(self.ring.desc):
-                d.next = i + 1  # the free list: 0 → 1 → … → num
+            self.ring.desc_next[:] = array("H", range(1, num + 1))  # free list 0 → 1 → … → num
 
     def __repr__(self) -> str:
         return (f"<vring_virtqueue {self.name} free={self.num_free} avail={self.avail_idx_shadow}"
@@ -84,11 +84,10 @@ def virtqueue_add_split(vq: VringVirtqueue, data: Any, length: int, *, write: bo
         return -errno.ENOSPC
     ring = vq.ring
     head = vq.free_head
-    desc = ring.desc[head]
-    desc.addr = data  # the buffer's content (a TX packet; an RX buffer the device fills)
-    desc.len = length
-    desc.flags = VRING_DESC_F_WRITE if write else 0
-    vq.free_head = desc.next
+    ring.desc_addr[head] = data  # the buffer's content (a TX packet; an RX buffer to fill)
+    ring.desc_len[head] = length
+    ring.desc_flags[head] = VRING_DESC_F_WRITE if write else 0
+    vq.free_head = ring.desc_next[head]
     vq.num_free -= 1
     vq.data[head] = data
     ring.avail_ring[vq.avail_idx_shadow & (ring.num - 1)] = head
@@ -138,7 +137,7 @@ def more_used_split(vq: VringVirtqueue) -> bool:
 def detach_buf_split(vq: VringVirtqueue, head: int) -> None:
     """virtio_ring.c: detach_buf_split — the descriptor goes back on the free list."""
     vq.data[head] = None
-    vq.ring.desc[head].next = vq.free_head
+    vq.ring.desc_next[head] = vq.free_head
     vq.free_head = head
     vq.num_free += 1
 
@@ -153,7 +152,9 @@ def virtqueue_get_buf(vq: VringVirtqueue) -> tuple[Any, int] | None:
         return None
     ring = vq.ring
     # virtio_rmb: used elements are read only after the index that exposed them.
-    head, length = ring.used_ring[vq.last_used_idx & (ring.num - 1)]
+    slot = vq.last_used_idx & (ring.num - 1)
+    head = ring.used_id[slot]
+    length = ring.used_len[slot]
     data = vq.data[head]
     if data is None:
         raise RuntimeError(f"{vq.name}: id {head} is not a head (BAD_RING)")

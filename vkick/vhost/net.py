@@ -152,7 +152,8 @@ async def handle_tx(net: VhostNet) -> None:
         return
     vhost_disable_notify(vq)
     vhost_net_disable_vq(net, vq)
-    desc = vq.ring.desc
+    desc_addr = vq.ring.desc_addr
+    desc_len = vq.ring.desc_len
     num = vq.ring.num
     sent_pkts = 0
     total_len = 0
@@ -165,10 +166,9 @@ async def handle_tx(net: VhostNet) -> None:
                 vhost_disable_notify(vq)
                 continue
             break
-        d = desc[head]
-        length = d.len - VNET_HDR_LEN
+        length = desc_len[head] - VNET_HDR_LEN
         total_len += length
-        skb = d.addr
+        skb = desc_addr[head]
         if isinstance(skb, SkBuff):
             nvq.batch.append(skb)
         nvq.pending_ns += net.tx_packet_ns
@@ -186,7 +186,7 @@ async def handle_tx(net: VhostNet) -> None:
 def get_rx_bufs(vq: VhostVirtqueue, heads: list[tuple[int, int]], datalen: int) -> int:
     """drivers/vhost/net.c: get_rx_bufs → the number of heads taken for ``datalen`` bytes;
     0 (and nothing taken) when the guest has not posted enough buffers."""
-    desc = vq.ring.desc
+    desc_len = vq.ring.desc_len
     num = vq.ring.num
     taken: list[tuple[int, int]] = []
     while datalen > 0 and len(taken) < UIO_MAXIOV:
@@ -194,7 +194,7 @@ def get_rx_bufs(vq: VhostVirtqueue, heads: list[tuple[int, int]], datalen: int) 
         if d == num:
             vhost_discard_vq_desc(vq, len(taken))
             return 0
-        length = desc[d].len
+        length = desc_len[d]
         taken.append((d, min(length, datalen)))
         datalen -= length
     heads.extend(taken)
@@ -210,7 +210,7 @@ async def handle_rx(net: VhostNet) -> None:
         return
     vhost_disable_notify(vq)
     vhost_net_disable_vq(net, vq)
-    desc = vq.ring.desc
+    desc_addr = vq.ring.desc_addr
     heads = nvq.heads  # cleared in place by each flush
     recv_pkts = 0
     total_len = 0
@@ -232,9 +232,9 @@ async def handle_rx(net: VhostNet) -> None:
             break
         skb = tun_recvmsg(sock)
         assert skb is not None
-        desc[heads[done_idx][0]].addr = (skb, headcount)  # the packet, num_buffers
+        desc_addr[heads[done_idx][0]] = (skb, headcount)  # the packet, num_buffers
         for i in range(done_idx + 1, done_idx + headcount):
-            desc[heads[i][0]].addr = None
+            desc_addr[heads[i][0]] = None
         nvq.pending_ns += net.rx_packet_ns
         if len(heads) > VHOST_NET_BATCH:  # done_idx += headcount
             await vhost_net_signal_used(nvq)

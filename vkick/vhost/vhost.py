@@ -97,10 +97,12 @@ def __vhost_add_used_n(vq: VhostVirtqueue, heads: Sequence[tuple[int, int]]) -> 
     index; invalidate ``signalled_used`` if the new range overtook it.  Spec §4.6."""
     ring = vq.ring
     mask = ring.num - 1
-    used = ring.used_ring
+    used_id = ring.used_id
+    used_len = ring.used_len
     start = vq.last_used_idx
-    for i, elem in enumerate(heads):
-        used[(start + i) & mask] = elem
+    for i, (head, length) in enumerate(heads):
+        used_id[(start + i) & mask] = head
+        used_len[(start + i) & mask] = length
     old = start
     new = vq.last_used_idx = (old + len(heads)) & U16
     if ((new - vq.signalled_used) & U16) < ((new - old) & U16):
