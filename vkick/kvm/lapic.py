@@ -79,6 +79,7 @@ from vkick.kvm.kvm_host import (
 # kvm_main and vmx import nothing from here at module level, so these are not cycles.
 from vkick.kvm.kvm_main import kvm_make_request, kvm_vcpu_kick
 from vkick.kvm.vmx.vmx import (
+    pir_sync_allowed,
     vmx_deliver_posted_interrupt,
     vmx_hwapic_isr_update,
     vmx_set_rvi,
@@ -316,11 +317,7 @@ def apic_has_interrupt_for_ppr(apic: KvmLapic, ppr: int) -> int:
     have posted at all (``kvm_x86_ops.sync_pir_to_irr`` set: enable_apicv).
     """
     vcpu = apic.vcpu
-    if "fix-no-pir-sync-when-apicv-inhibited" in vcpu.kvm.toggles:
-        sync = vcpu.kvm.enable_apicv
-    else:
-        sync = vcpu.arch.apicv_active
-    if sync:
+    if pir_sync_allowed(vcpu):
         highest_irr = vmx_sync_pir_to_irr(vcpu)
     else:
         highest_irr = apic_find_highest_irr(apic)

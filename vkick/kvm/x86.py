@@ -120,6 +120,7 @@ from vkick.kvm.lapic import (
 from vkick.kvm.lapic_map import kvm_recalculate_apic_map
 from vkick.kvm.vmx.posted_intr import pi_update_irte, vmx_pi_start_assignment
 from vkick.kvm.vmx.vmx import (
+    pir_sync_allowed,
     vmx_cancel_injection,
     vmx_check_apicv_inhibit_reasons,
     vmx_create_vcpu,
@@ -319,7 +320,7 @@ def vcpu_scan_ioapic(vcpu: KvmVcpu) -> None:
     if irqchip_split(kvm):
         handled = kvm_scan_ioapic_routes(vcpu, handled)
     else:
-        if _pir_sync_allowed(vcpu):
+        if pir_sync_allowed(vcpu):
             vmx_sync_pir_to_irr(vcpu)
         if ioapic_in_kernel(kvm):
             handled = kvm_ioapic_scan_entry(vcpu, handled)
@@ -328,16 +329,6 @@ def vcpu_scan_ioapic(vcpu: KvmVcpu) -> None:
     if bus.on:
         bus.emit("vcpu_scan_ioapic", vm=kvm.name, vcpu=vcpu.vcpu_id, vectors=_vectors(handled))
     kvm_make_request(KVM_REQ_LOAD_EOI_EXITMAP, vcpu)  # not in guest (nested) mode
-
-
-def _pir_sync_allowed(vcpu: KvmVcpu) -> bool:
-    """Whether a PIR → IRR sync runs: v5.13 only while APICv is active for the vCPU; with
-    ``fix-no-pir-sync-when-apicv-inhibited`` (bug #7, 37c4dbf337c5) whenever
-    kvm_x86_ops.sync_pir_to_irr exists (static_call_cond: enable_apicv), because assigned
-    devices keep posting to a vCPU whose APICv is inhibited."""
-    if "fix-no-pir-sync-when-apicv-inhibited" in vcpu.kvm.toggles:
-        return vcpu.kvm.enable_apicv
-    return vcpu.arch.apicv_active
 
 
 def _vectors(bitmap: int) -> list[int]:
@@ -528,7 +519,7 @@ async def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
     # "This handles the case where a posted interrupt was notified with kvm_vcpu_kick":
     # v5.13 only with APICv active — PIR posted to a vCPU whose APICv is inhibited stays
     # there until APICv is re-activated (bug #7); the fix syncs whenever the LAPIC is on.
-    if kvm_lapic_enabled(vcpu) and _pir_sync_allowed(vcpu):
+    if kvm_lapic_enabled(vcpu) and pir_sync_allowed(vcpu):
         if "no-barrier-after-guest-mode" in toggles and not stale_on:
             # Bug toggle §16.1a: without the barrier the ON load may be satisfied before
             # the mode store is visible — it returns ON as of before the entry.

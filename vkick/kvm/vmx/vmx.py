@@ -195,6 +195,18 @@ def vmx_hwapic_isr_update(vcpu: KvmVcpu, max_isr: int) -> None:
     vcpu.arch.svi = max_isr if max_isr > 0 else 0
 
 
+def pir_sync_allowed(vcpu: KvmVcpu) -> bool:
+    """Whether a PIR → IRR sync runs (the guard around static_call(sync_pir_to_irr) in
+    vcpu_enter_guest, vcpu_scan_ioapic and apic_has_interrupt_for_ppr): v5.13 only while
+    APICv is active for the vCPU; with ``fix-no-pir-sync-when-apicv-inhibited`` (bug #7,
+    37c4dbf337c5) whenever kvm_x86_ops.sync_pir_to_irr exists (static_call_cond:
+    enable_apicv), because assigned devices keep posting to a vCPU whose APICv is
+    inhibited."""
+    if "fix-no-pir-sync-when-apicv-inhibited" in vcpu.kvm.toggles:
+        return vcpu.kvm.enable_apicv
+    return vcpu.arch.apicv_active
+
+
 def _sync_pir_tail(vcpu: KvmVcpu, max_irr: int, max_irr_updated: bool) -> None:
     """The end of vmx_sync_pir_to_irr: RVI, or (7e1901f6c86c) KVM_REQ_EVENT."""
     if "fix-no-pir-sync-when-apicv-inhibited" in vcpu.kvm.toggles:
