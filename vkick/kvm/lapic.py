@@ -80,6 +80,7 @@ from vkick.kvm.kvm_host import (
 from vkick.kvm.kvm_main import kvm_make_request, kvm_vcpu_kick
 from vkick.kvm.vmx.vmx import (
     pir_sync_allowed,
+    vmx_apicv_post_state_restore,
     vmx_deliver_posted_interrupt,
     vmx_hwapic_isr_update,
     vmx_set_rvi,
@@ -577,21 +578,25 @@ def __apic_accept_irq(  # noqa: PLR0917  (the kernel's signature)
     return 0
 
 
-def kvm_apic_accept_events(vcpu: KvmVcpu) -> None:
-    """arch/x86/kvm/lapic.c: kvm_apic_accept_events — INIT/SIPI (v5.13: returns nothing)."""
+async def kvm_apic_accept_events(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/lapic.c: kvm_apic_accept_events  [vCPU thread]
+
+    Take the latched INIT/SIPI: an INIT resets the vCPU (kvm_vcpu_reset with init_event:
+    the LAPIC back to its INIT state, base MSR and APIC ID kept) and leaves the BSP
+    RUNNABLE, an AP in INIT_RECEIVED; a SIPI then makes an AP in INIT_RECEIVED RUNNABLE.
+    v5.13 returns nothing.
+    Differs from the kernel: no nested events or INIT latching (SMM, VMX root mode); the
+    SIPI vector is not delivered (no real-mode guest state).
+    """
     apic = vcpu.arch.apic
     if apic is None or not apic.pending_events:
         return
     pe = apic.pending_events
     apic.pending_events = 0
     if pe & (1 << KVM_APIC_INIT):
-        # kvm_vcpu_reset(init_event=true): the LAPIC state that matters here, with
-        # kvm_apic_update_apicv's counters for the current APICv state.
-        apic.irr = apic.isr = apic.tmr = 0
-        apicv = vcpu.arch.apicv_active
-        apic.irr_pending = apicv
-        apic.isr_count = 1 if apicv else 0
-        apic.highest_isr_cache = -1
+        from vkick.kvm.x86 import kvm_vcpu_reset  # noqa: PLC0415  (x86 imports this module)
+
+        await kvm_vcpu_reset(vcpu, True)
         vcpu.arch.mp_state = (MpState.KVM_MP_STATE_RUNNABLE if vcpu.vcpu_id == 0
                               else MpState.KVM_MP_STATE_INIT_RECEIVED)
     if pe & (1 << KVM_APIC_SIPI) and vcpu.arch.mp_state == MpState.KVM_MP_STATE_INIT_RECEIVED:
@@ -844,10 +849,12 @@ async def kvm_apic_update_apicv(vcpu: KvmVcpu) -> None:
 async def kvm_lapic_reset(vcpu: KvmVcpu, init_event: bool = False) -> None:
     """arch/x86/kvm/lapic.c: kvm_lapic_reset  [vCPU thread or ioctl]
 
-    The architectural reset state: enabled (base MSR), xAPIC ID = vCPU id (RESET only), DFR
-    flat, SVR 0xFF (software-disabled), TPR 0, LDR 0 (xAPIC), ICR 0, IRR/ISR/TMR clear,
-    then the map is recalculated.  Each setter marked the map DIRTY; at vCPU creation the
-    recalculation runs before the vCPU is visible in kvm->vcpus, so it does not see itself.
+    The architectural reset state: enabled (base MSR), xAPIC ID = vCPU id (RESET only, not
+    INIT), DFR flat, SVR 0xFF (software-disabled), TPR 0, LDR 0 (xAPIC), ICR 0, IRR/ISR/TMR
+    clear, the APICv counters (kvm_apic_update_apicv), PPR; with APICv active an emptied PI
+    descriptor (vmx_apicv_post_state_restore) and RVI/SVI cleared; then the map is
+    recalculated.  Each setter marked the map DIRTY; at vCPU creation the recalculation
+    runs before the vCPU is visible in kvm->vcpus, so it does not see itself.
     Differs from the kernel: no timers, LVTs or PV EOI; the BSP bit is not kept.
     """
     from vkick.kvm.lapic_map import kvm_recalculate_apic_map  # noqa: PLC0415
@@ -869,6 +876,7 @@ async def kvm_lapic_reset(vcpu: KvmVcpu, init_event: bool = False) -> None:
     apic.highest_isr_cache = -1
     apic_update_ppr(apic)
     if vcpu.arch.apicv_active:
+        vmx_apicv_post_state_restore(vcpu)  # kvm_x86_apicv_post_state_restore
         vmx_set_rvi(vcpu, -1)  # kvm_x86_hwapic_irr_update(vcpu, -1)
         vmx_hwapic_isr_update(vcpu, -1)  # kvm_x86_hwapic_isr_update(vcpu, -1)
     vcpu.arch.apic_arb_prio = 0
@@ -943,10 +951,7 @@ async def kvm_apic_set_state(vcpu: KvmVcpu, s: KvmLapicState) -> int:
     await kvm_apic_update_apicv(vcpu)
     apic.highest_isr_cache = -1
     if vcpu.arch.apicv_active:
-        # vmx_apicv_post_state_restore: the PI descriptor starts empty.
-        vcpu.pi_desc.on = False
-        vcpu.pi_desc.pir = 0
-        vcpu.arch.pir_ids.clear()
+        vmx_apicv_post_state_restore(vcpu)  # kvm_x86_apicv_post_state_restore
         vmx_set_rvi(vcpu, apic_find_highest_irr(apic))  # kvm_x86_hwapic_irr_update
         vmx_hwapic_isr_update(vcpu, apic_find_highest_isr(apic))  # ..._isr_update
     kvm_make_request(KVM_REQ_EVENT, vcpu)

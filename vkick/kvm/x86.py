@@ -493,7 +493,7 @@ async def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
         if kvm_check_request(KVM_REQ_APICV_UPDATE, vcpu):
             await kvm_vcpu_update_apicv(vcpu)
     if kvm_check_request(KVM_REQ_EVENT, vcpu):
-        kvm_apic_accept_events(vcpu)
+        await kvm_apic_accept_events(vcpu)
         if arch.mp_state == MpState.KVM_MP_STATE_INIT_RECEIVED:
             return 1
         req_immediate_exit = inject_pending_event(vcpu)
@@ -577,7 +577,7 @@ async def vcpu_block(kvm: Kvm, vcpu: KvmVcpu) -> int:
         await vmx_post_block(vcpu)
         if not kvm_check_request(KVM_REQ_UNHALT, vcpu):
             return 1
-    kvm_apic_accept_events(vcpu)
+    await kvm_apic_accept_events(vcpu)
     if vcpu.arch.mp_state == MpState.KVM_MP_STATE_HALTED:
         vcpu.arch.pv_unhalted = False
         vcpu.arch.mp_state = MpState.KVM_MP_STATE_RUNNABLE
@@ -649,9 +649,9 @@ async def kvm_vcpu_reset(vcpu: KvmVcpu, init_event: bool) -> None:
     """arch/x86/kvm/x86.c: kvm_vcpu_reset (the interrupt state)  [vCPU thread or ioctl]
 
     LAPIC reset (which recalculates the APIC map), NMIs and the event queue cleared,
-    KVM_REQ_EVENT.
-    Differs from the kernel: the INIT path of kvm_apic_accept_events keeps its own inline
-    reset; registers, debug state, MMU and FPU are not modelled.
+    KVM_REQ_EVENT.  ``init_event``: an INIT (kvm_apic_accept_events), which keeps the
+    LAPIC base MSR and APIC ID; else the RESET of vCPU creation.
+    Differs from the kernel: registers, debug state, MMU, FPU and PMU are not modelled.
     """
     await kvm_lapic_reset(vcpu, init_event)
     arch = vcpu.arch

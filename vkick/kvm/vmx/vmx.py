@@ -6,9 +6,10 @@ vmx_sync_pir_to_irr, vmx_set_rvi, vmx_hwapic_isr_update, vmx_interrupt_allowed, 
 vmx_enable_irq_window, vmx_cancel_injection, vmx_vcpu_load, vmx_vcpu_put, vmx_pre_block,
 vmx_post_block, hardware_setup (the posted-interrupt wakeup handler), and the APICv
 controls: vmx_check_apicv_inhibit_reasons, vmx_create_vcpu (its APICv part),
-vmx_refresh_apicv_exec_ctrl.  Bug toggles (kvm.toggles, research/bugs.md):
-``fix-running-vcpu-shortcut`` (bug #2's 5.16 fix), ``clear-on-after-harvest`` (spec
-§16.4), ``fix-no-pir-sync-when-apicv-inhibited`` (bug #7, vmx_sync_pir_to_irr's part).
+vmx_refresh_apicv_exec_ctrl, vmx_apicv_post_state_restore.  Bug toggles (kvm.toggles,
+research/bugs.md): ``fix-running-vcpu-shortcut`` (bug #2's 5.16 fix),
+``clear-on-after-harvest`` (spec §16.4), ``fix-no-pir-sync-when-apicv-inhibited`` (bug #7,
+vmx_sync_pir_to_irr's part).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from vkick.kvm.kvm_host import (
 )
 from vkick.kvm.kvm_main import kvm_get_running_vcpu, kvm_make_request, kvm_vcpu_kick
 from vkick.kvm.vmx.posted_intr import (
+    pi_clear_on,
     pi_post_block,
     pi_pre_block,
     pi_test_and_clear_on,
@@ -179,6 +181,19 @@ def vmx_deliver_posted_interrupt(vcpu: KvmVcpu, vector: int) -> int:
         bus.emit("kvm_pi_post", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, vector=vector,
                  irq=rt.cur_irq, notify=notify)
     return 0
+
+
+def vmx_apicv_post_state_restore(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/vmx/vmx.c: vmx_apicv_post_state_restore  [vCPU ioctl / reset]
+
+    After KVM_SET_LAPIC or a LAPIC reset with APICv active the PI descriptor starts empty:
+    ON cleared, every PIR word zeroed (what was posted before is superseded by the restored
+    or reset IRR).  vkick also drops the PIR vectors' source ids (``pir_ids``).
+    """
+    pi = vcpu.pi_desc
+    pi_clear_on(pi)
+    pi.pir = 0  # memset(pi_desc.pir, 0)
+    vcpu.arch.pir_ids.clear()
 
 
 def vmx_set_rvi(vcpu: KvmVcpu, vector: int) -> None:
