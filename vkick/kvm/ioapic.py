@@ -12,16 +12,17 @@ itself is §19 "not specified in detail", so this follows the v5.13 source (iden
 5.12.9 and 5.14-rc5).
 
 Covered: kvm_ioapic_init, kvm_ioapic_reset, ioapic_in_kernel, ioapic_set_irq,
-kvm_ioapic_set_irq, kvm_ioapic_clear_all, ioapic_service, ioapic_read_indirect,
+kvm_ioapic_set_irq, ioapic_service, ioapic_read_indirect,
 ioapic_write_indirect, ioapic_in_range, ioapic_mmio_read, ioapic_mmio_write,
 kvm_ioapic_update_eoi, kvm_ioapic_update_eoi_one, kvm_ioapic_eoi_inject_work,
 kvm_ioapic_scan_entry, kvm_arch_post_irq_ack_notifier_list_update, kvm_get_ioapic,
 kvm_set_ioapic, kvm_ioapic_inject_all.
 Left out (said where it matters): the PIC (i8259.c) and its half of the default routing;
-the RTC (pin 8) EOI tracking, which only KVM_IRQ_LINE_STATUS (``line_status`` true)
-engages — every path vkick models passes ``line_status = false``, for which the tracking
-is a no-op, so ``rtc_irq_eoi`` and ``ioapic_lazy_update_eoi`` (AMD AVIC) are omitted; mask
-notifiers (used by the PIT only).
+the RTC (pin 8) coalescing check and EOI tracking, which engage only for pin 8 with
+``line_status`` true (KVM_IRQ_LINE_STATUS, and kvm_ioapic_inject_all restoring a saved
+state) — vkick models no RTC, so ``line_status`` is carried but never acted on, and
+``rtc_irq_eoi`` and ``ioapic_lazy_update_eoi`` (AMD AVIC) are omitted; mask notifiers (used
+by the PIT only).
 """
 
 from __future__ import annotations
@@ -373,7 +374,7 @@ def ioapic_service(ioapic: KvmIoapic, irq: int, line_status: bool) -> int:
     entry's trigger mode) and send it through kvm_irq_delivery_to_apic (spec §9.6) —
     so the accepting LAPIC sets TMR for a level pin.  A level pin that reached anyone
     (result ≠ 0) sets remote IRR; an edge pin is marked delivered.
-    Differs from the kernel: no RTC dest_map tracking (``line_status`` is always false).
+    Differs from the kernel: no RTC dest_map tracking (pin 8 with ``line_status``).
     """
     entry = ioapic.redirtbl[irq]
     kvm = ioapic.kvm
@@ -422,13 +423,6 @@ def kvm_ioapic_set_irq(ioapic: KvmIoapic, irq: int, irq_source_id: int, level: i
     assert 0 <= irq < IOAPIC_NUM_PINS
     irq_level = __kvm_irq_line_state(ioapic.irq_states, irq, irq_source_id, level)
     return ioapic_set_irq(ioapic, irq, irq_level, line_status)
-
-
-def kvm_ioapic_clear_all(ioapic: KvmIoapic, irq_source_id: int) -> None:
-    """arch/x86/kvm/ioapic.c: kvm_ioapic_clear_all — forget a freed source on every pin
-    (the line levels are not re-evaluated, as in the kernel)."""
-    for i in range(IOAPIC_NUM_PINS):
-        ioapic.irq_states[i] &= ~(1 << irq_source_id)
 
 
 def kvm_ioapic_eoi_inject_work(work: WorkStruct) -> None:

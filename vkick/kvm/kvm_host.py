@@ -293,7 +293,6 @@ class KvmVcpuArch:
     # Vectors whose EOI must reach the IOAPIC (level-triggered pins, pins with ack
     # notifiers, RTC): rebuilt by vcpu_scan_ioapic, loaded into eoi_exit_bitmap.
     ioapic_handled_vectors: int = 0  # 256-bit
-    load_eoi_exitmap_pending: bool = False  # nested only: never set on this path
     pending_ioapic_eoi: int = 0  # split irqchip: the vector for KVM_EXIT_IOAPIC_EOI
     # vkick bookkeeping (no kernel counterpart): correlation ids of the signals pending per
     # vector, popped at delivery; and how the last posting went (for the event's `path`).

@@ -1,7 +1,7 @@
 """virt/kvm/kvm_main.c (I/O bus half): the MMIO/PIO bus that routes a guest's doorbell write
 to the in-kernel device that claims it (here: ioeventfds) before userspace is asked.
 
-Covered: kvm_io_bus_register_dev, kvm_io_bus_unregister_dev, kvm_io_bus_write.  One bus
+Covered: kvm_io_bus_register_dev, kvm_io_bus_write.  One bus
 (KVM_MMIO_BUS / KVM_PIO_BUS are not told apart); devices are kept sorted by address, as
 the kernel's bsearch'd array is, so the lookup order is the kernel's.
 """
@@ -23,13 +23,6 @@ def kvm_io_bus_register_dev(kvm: Kvm, dev: KvmIoeventfd) -> int:
     bus.insert(bisect.bisect_right(keys, (dev.addr, dev.length)), dev)
     kvm.io_bus = _write_through_bus
     return 0
-
-
-def kvm_io_bus_unregister_dev(kvm: Kvm, dev: KvmIoeventfd) -> None:
-    """virt/kvm/kvm_main.c: kvm_io_bus_unregister_dev."""
-    bus = kvm.io_bus_devs
-    if dev in bus:
-        bus.remove(dev)
 
 
 def kvm_io_bus_write(vcpu: Any, addr: int, length: int, val: int) -> int:

@@ -82,7 +82,8 @@ async def kvm_recalculate_apic_map(kvm: Kvm, current: TaskStruct) -> None:
     check, then ``apic_map_lock`` (a mutex: the caller may sleep), the claim DIRTY →
     UPDATE_IN_PROGRESS, size the map by the highest present x2APIC ID, fill it from every
     visible vCPU's registers, publish (RCU) and UPDATE_IN_PROGRESS → CLEAN — a write that
-    marked the map DIRTY meanwhile leaves it DIRTY for the next rebuild.  ``current`` is the
+    marked the map DIRTY meanwhile leaves it DIRTY for the next rebuild; then every vCPU
+    rescans its IOAPIC-handled vectors (KVM_REQ_SCAN_IOAPIC).  ``current`` is the
     calling thread.  A vCPU whose x2APIC ID is above the size computed before the fill (it
     appeared or enabled its APIC in between) is left out of the physical map until the next
     rebuild (the v5.13 form of bug #11).
@@ -94,8 +95,7 @@ async def kvm_recalculate_apic_map(kvm: Kvm, current: TaskStruct) -> None:
     4364b287982b (6.4) + 41e90a69a49b (6.5): an x2APIC ID above the size discards the map
     being filled and retries with the larger size.
     Differs from the kernel: the 6.5 retry is grafted onto the v5.13 function (6.x also
-    split the fill into phys/logical helpers and disables the map on aliasing);
-    KVM_REQ_SCAN_IOAPIC is not requested (no IOAPIC is modelled on this path); the old map
+    split the fill into phys/logical helpers and disables the map on aliasing); the old map
     is dropped at once (Python references stand in for the RCU grace period).
     """
     arch = kvm.arch
