@@ -53,7 +53,7 @@ import errno
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from vkick.kernel.eventfd import (
     EventfdCtx,
@@ -110,6 +110,7 @@ from vkick.kvm.kvm_host import (
     KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID,
     KVM_USERSPACE_IRQ_SOURCE_ID,
     Kvm,
+    KvmIoDeviceOps,
 )
 
 KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
@@ -726,6 +727,7 @@ async def kvm_unregister_irq_ack_notifier(kvm: Kvm, kian: KvmIrqAckNotifier) -> 
 class KvmIoeventfd:
     """virt/kvm/eventfd.c: struct _ioeventfd — an (address, length, datamatch) doorbell."""
 
+    ops: ClassVar[KvmIoDeviceOps]  # its struct kvm_io_device: ioeventfd_ops
     addr: int
     eventfd: EventfdCtx
     length: int = 0  # 0 = any access length
@@ -744,3 +746,8 @@ def ioeventfd_write(p: KvmIoeventfd, addr: int, length: int, val: int) -> int:
         return -errno.EOPNOTSUPP
     eventfd_signal(p.eventfd, 1)
     return 0
+
+
+# ioeventfd_ops (kvm_iodevice_init in kvm_assign_ioeventfd_idx); ioeventfd_write takes no vCPU.
+KvmIoeventfd.ops = KvmIoDeviceOps(
+    write=lambda vcpu, this, addr, length, val: ioeventfd_write(this, addr, length, val))

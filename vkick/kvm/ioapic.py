@@ -28,7 +28,7 @@ by the PIT only).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final
+from typing import ClassVar, Final
 
 from vkick.kernel.workqueue import DelayedWork, WorkStruct, schedule_delayed_work
 from vkick.kvm.irq import __kvm_irq_line_state, irqchip_kernel
@@ -42,9 +42,11 @@ from vkick.kvm.kvm_host import (
     KVM_IOAPIC_NUM_PINS,
     KVM_IRQCHIP_IOAPIC,
     Kvm,
+    KvmIoDeviceOps,
     KvmLapicIrq,
     KvmVcpu,
 )
+from vkick.kvm.kvm_main_io import kvm_io_bus_register_dev
 from vkick.kvm.lapic_map import kvm_apic_match_dest
 
 IOAPIC_NUM_PINS: Final = KVM_IOAPIC_NUM_PINS
@@ -129,6 +131,7 @@ class KvmIoapic:
     delivery consumes them, a level line's deliveries all carry them).
     """
 
+    ops: ClassVar[KvmIoDeviceOps]  # its struct kvm_io_device: ioapic_mmio_ops
     kvm: Kvm
     eoi_inject: DelayedWork
     base_address: int = IOAPIC_DEFAULT_BASE_ADDRESS
@@ -550,6 +553,10 @@ def ioapic_mmio_write(vcpu: KvmVcpu | None, ioapic: KvmIoapic, addr: int, length
     return 0
 
 
+# ioapic_mmio_ops (the read op is not on the bus here: vkick's guests only write).
+KvmIoapic.ops = KvmIoDeviceOps(write=ioapic_mmio_write)
+
+
 def kvm_ioapic_reset(ioapic: KvmIoapic) -> None:
     """arch/x86/kvm/ioapic.c: kvm_ioapic_reset — every pin masked, default base address,
     no line high, id 0.
@@ -567,15 +574,17 @@ def kvm_ioapic_reset(ioapic: KvmIoapic) -> None:
 
 def kvm_ioapic_init(kvm: Kvm) -> int:
     """arch/x86/kvm/ioapic.c: kvm_ioapic_init — create and reset the IOAPIC
-    (``kvm->arch.vioapic``) and put it on the MMIO bus at 0xFEC00000.
-    Differs from the kernel: the MMIO bus registration is the caller's (vkick's
-    ``kvm.io_bus`` is one callable; see scenario/runner.py)."""
+    (``kvm->arch.vioapic``) and put its 256-byte window on the MMIO bus at its base
+    address (0xFEC00000), where the guest's writes reach ioapic_mmio_write."""
     eoi_inject = DelayedWork(kvm.rt, kvm_ioapic_eoi_inject_work, f"{kvm.name}.eoi_inject")
     ioapic = KvmIoapic(kvm=kvm, eoi_inject=eoi_inject)
     eoi_inject.work.owner = ioapic
     kvm.arch.vioapic = ioapic
     kvm_ioapic_reset(ioapic)
-    return 0
+    ret = kvm_io_bus_register_dev(kvm, ioapic.base_address, IOAPIC_MEM_LENGTH, ioapic)
+    if ret < 0:
+        kvm.arch.vioapic = None
+    return ret
 
 
 def kvm_get_ioapic(kvm: Kvm) -> KvmIoapicState:

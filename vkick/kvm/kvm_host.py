@@ -10,6 +10,7 @@ PIR) are Python ints: bit ``v`` is vector ``v``.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, NewType
 
@@ -350,6 +351,26 @@ class KvmArch:
     vioapic: Any = None  # ioapic.KvmIoapic | None (kvm->arch.vioapic)
 
 
+@dataclass(slots=True, frozen=True)
+class KvmIoDeviceOps:
+    """include/kvm/iodev.h: struct kvm_io_device_ops — ``write(vcpu, this, addr, len, val)``
+    returns 0 when the device handled the access, else nonzero (it goes to the next device).
+    The read and destructor ops are not on this path."""
+
+    write: Callable[[Any, Any, int, int, int], int]
+
+
+@dataclass(slots=True, eq=False)
+class KvmIoRange:
+    """include/linux/kvm_host.h: struct kvm_io_range — ``dev``'s window on the bus: ``addr``
+    and ``len`` (0: that address exactly, any access size).  ``dev`` is the device struct
+    (KvmIoeventfd, KvmIoapic), whose ``ops`` class attribute is its struct kvm_io_device."""
+
+    addr: int
+    len: int
+    dev: Any
+
+
 @dataclass(slots=True, eq=False)
 class Kvm:
     """include/linux/kvm_host.h: struct kvm (one VM)."""
@@ -373,5 +394,6 @@ class Kvm:
     vector_hashing: bool = True
     toggles: frozenset[str] = frozenset()  # bug re-creation / fix switches (research/bugs.md)
     host: Any = None  # hw host (pCPUs, scheduler), set by the builder
-    io_bus: Any = None  # callable(vcpu, addr, value): the MMIO/PIO bus (ioeventfds)
-    io_bus_devs: list[Any] = field(default_factory=list)  # kvm->buses: sorted by address
+    # kvm->buses[KVM_MMIO_BUS]->range[]: the devices on the bus, kept in
+    # kvm_io_bus_cmp order by kvm_io_bus_register_dev (one bus: MMIO and PIO not told apart).
+    io_bus_range: list[KvmIoRange] = field(default_factory=list)

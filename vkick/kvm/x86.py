@@ -27,6 +27,7 @@ Bug toggles (kvm.toggles): ``no-barrier-after-guest-mode`` (spec §16.1a),
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from vkick.hw.apicv import (
     EXIT_APIC_WRITE,
@@ -99,6 +100,7 @@ from vkick.kvm.kvm_main import (
     vcpu_load,
     vcpu_put,
 )
+from vkick.kvm.kvm_main_io import kvm_io_bus_write
 from vkick.kvm.lapic import (
     __apic_accept_irq,
     apic_find_highest_isr,
@@ -422,6 +424,12 @@ def kvm_vm_ioctl_irq_line(kvm: Kvm, irq: int, level: int, line_status: bool = Fa
         rt.cur_irq = saved
 
 
+# The size of a guest "mmio" write: vkick's exits carry none, and the guest model's
+# device writes are 32-bit stores (the IOAPIC window; the virtio doorbells' ioeventfds
+# have length 0 and match any size).
+MMIO_WRITE_LEN: Final = 4
+
+
 async def vmx_handle_exit(vcpu: KvmVcpu, ex: Exit) -> int:
     """arch/x86/kvm/vmx/vmx.c: vmx_handle_exit — dispatch on the exit reason."""
     reason, qual, val = ex
@@ -449,9 +457,9 @@ async def vmx_handle_exit(vcpu: KvmVcpu, ex: Exit) -> int:
             await kvm_x2apic_msr_write(vcpu, qual, val)
         return 1
     if reason == EXIT_IO_INSTRUCTION:
-        io_bus = vcpu.kvm.io_bus
-        if io_bus is not None:
-            io_bus(vcpu, qual, val)
+        # vcpu_mmio_write → kvm_io_bus_write(KVM_MMIO_BUS); a write no device takes would
+        # exit to userspace (not modelled: it is dropped).
+        kvm_io_bus_write(vcpu, qual, MMIO_WRITE_LEN, val)
         return 1
     if reason == EXIT_EXTERNAL_INTERRUPT:
         vcpu.stat.irq_exits += 1
