@@ -239,13 +239,13 @@ def irqfd_resampler_ack(kian: KvmIrqAckNotifier) -> None:
     try:
         kvm_set_irq(kvm, KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID, kian.gsi, 0, False)
         idx = srcu_read_lock(kvm.irq_srcu)
-        irqfds = tuple(resampler.list)  # list_for_each_entry_rcu
         bus = rt.bus
         if bus.on:
-            bus.emit("irqfd_resampler_ack", vm=kvm.name, gsi=kian.gsi, n=len(irqfds))
-        for irqfd in irqfds:
-            assert irqfd.resamplefd is not None
-            eventfd_signal(irqfd.resamplefd, 1)
+            bus.emit("irqfd_resampler_ack", vm=kvm.name, gsi=kian.gsi,
+                     n=len(resampler.list))
+        # v5.13 open-codes this loop (list_for_each_entry_rcu); later kernels call
+        # irqfd_resampler_notify, which is the same loop.
+        irqfd_resampler_notify(resampler)
         srcu_read_unlock(kvm.irq_srcu, idx)
     finally:
         rt.cur_irq = saved
