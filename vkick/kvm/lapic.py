@@ -30,6 +30,9 @@ import errno
 from typing import Final
 
 from vkick.hw.apicv import merge_pir_ids
+
+# irq (here), kvm_main and vmx (below) import nothing from here at module level: no cycles.
+from vkick.kvm.irq import irqchip_split
 from vkick.kvm.kvm_host import (
     APIC_BASE_MSR,
     APIC_DEFAULT_PHYS_BASE,
@@ -75,8 +78,6 @@ from vkick.kvm.kvm_host import (
     KvmVcpu,
     MpState,
 )
-
-# kvm_main and vmx import nothing from here at module level, so these are not cycles.
 from vkick.kvm.kvm_main import kvm_make_request, kvm_vcpu_kick
 from vkick.kvm.vmx.vmx import (
     pir_sync_allowed,
@@ -392,13 +393,6 @@ def kvm_ioapic_send_eoi(apic: KvmLapic, vector: int) -> None:
     Edge MSIs — TMR clear, never IOAPIC-handled unless a pin shares the vector — have no
     side effect here (spec §11.8, §17.13).
     """
-    from vkick.kvm.ioapic import (  # noqa: PLC0415
-        IOAPIC_EDGE_TRIG,
-        IOAPIC_LEVEL_TRIG,
-        kvm_ioapic_update_eoi,
-    )
-    from vkick.kvm.irq import irqchip_split  # noqa: PLC0415
-
     if not kvm_ioapic_handles_vector(apic, vector):
         return
     vcpu = apic.vcpu
@@ -406,6 +400,12 @@ def kvm_ioapic_send_eoi(apic: KvmLapic, vector: int) -> None:
         vcpu.arch.pending_ioapic_eoi = vector
         kvm_make_request(KVM_REQ_IOAPIC_EOI_EXIT, vcpu)
         return
+    from vkick.kvm.ioapic import (  # noqa: PLC0415  (ioapic → lapic_map → this module)
+        IOAPIC_EDGE_TRIG,
+        IOAPIC_LEVEL_TRIG,
+        kvm_ioapic_update_eoi,
+    )
+
     trigger_mode = IOAPIC_LEVEL_TRIG if apic.tmr >> vector & 1 else IOAPIC_EDGE_TRIG
     kvm_ioapic_update_eoi(vcpu, vector, trigger_mode)
 

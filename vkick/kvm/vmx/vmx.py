@@ -14,6 +14,9 @@ vmx_sync_pir_to_irr's part).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import vkick.kvm
 from vkick.hw.cpu import HwHost, kvm_set_posted_intr_wakeup_handler, send_ipi
 from vkick.kvm.kvm_host import (
     APICV_INHIBIT_REASON_DISABLE,
@@ -36,6 +39,12 @@ from vkick.kvm.vmx.posted_intr import (
     vmx_vcpu_pi_load,
     vmx_vcpu_pi_put,
 )
+
+if TYPE_CHECKING:
+    import vkick.kvm.lapic
+
+# lapic.py imports this module: the PIR harvest (every entry, every runnability check)
+# reads kvm_apic_update_irr / kvm_lapic_find_highest_irr on the package at call time.
 
 
 def hardware_setup(host: HwHost) -> None:
@@ -257,26 +266,24 @@ def vmx_sync_pir_to_irr(vcpu: KvmVcpu) -> int:
     7e1901f6c86c) lets it run with APICv inhibited: then RVI is left alone and a newly
     harvested vector raises KVM_REQ_EVENT instead.
     """
-    from vkick.kvm.lapic import kvm_apic_update_irr, kvm_lapic_find_highest_irr  # noqa: PLC0415
-
     _warn_inactive(vcpu)
     pi = vcpu.pi_desc
     updated = False
     if "clear-on-after-harvest" in vcpu.kvm.toggles:
         if pi.on:
             box = [pi.pir]
-            updated, max_irr = kvm_apic_update_irr(vcpu, box)
+            updated, max_irr = vkick.kvm.lapic.kvm_apic_update_irr(vcpu, box)
             pi.pir = box[0]
             pi_test_and_clear_on(pi)
         else:
-            max_irr = kvm_lapic_find_highest_irr(vcpu)
+            max_irr = vkick.kvm.lapic.kvm_lapic_find_highest_irr(vcpu)
     elif pi.on:
         pi_test_and_clear_on(pi)
         box = [pi.pir]
-        updated, max_irr = kvm_apic_update_irr(vcpu, box)
+        updated, max_irr = vkick.kvm.lapic.kvm_apic_update_irr(vcpu, box)
         pi.pir = box[0]
     else:
-        max_irr = kvm_lapic_find_highest_irr(vcpu)
+        max_irr = vkick.kvm.lapic.kvm_lapic_find_highest_irr(vcpu)
     _sync_pir_tail(vcpu, max_irr, updated)
     return max_irr
 
@@ -290,21 +297,19 @@ async def vmx_sync_pir_to_irr_entry(vcpu: KvmVcpu) -> int:
     between the harvest and the clear: a vector posted there finds ON set (no
     notification), then ON is cleared — stuck in PIR with ON = 0 (spec §16.4).
     """
-    from vkick.kvm.lapic import kvm_apic_update_irr, kvm_lapic_find_highest_irr  # noqa: PLC0415
-
     _warn_inactive(vcpu)
     pi = vcpu.pi_desc
     rt = vcpu.kvm.rt
     updated = False
     if not pi.on:
-        max_irr = kvm_lapic_find_highest_irr(vcpu)
+        max_irr = vkick.kvm.lapic.kvm_lapic_find_highest_irr(vcpu)
     elif "clear-on-after-harvest" in vcpu.kvm.toggles:
         box = [pi.pir]
-        updated, _ = kvm_apic_update_irr(vcpu, box)
+        updated, _ = vkick.kvm.lapic.kvm_apic_update_irr(vcpu, box)
         pi.pir = 0  # the words were exchanged with 0
         await rt.preempt("W-PIR-harvest")
         pi_test_and_clear_on(pi)
-        max_irr = kvm_lapic_find_highest_irr(vcpu)
+        max_irr = vkick.kvm.lapic.kvm_lapic_find_highest_irr(vcpu)
     else:
         pi_test_and_clear_on(pi)
         # W-PIR-harvest: ON cleared ↔ PIR words taken.  A vector posted here is either
@@ -312,7 +317,7 @@ async def vmx_sync_pir_to_irr_entry(vcpu: KvmVcpu) -> int:
         # test-and-set of ON in vmx_deliver_posted_interrupt).
         await rt.preempt("W-PIR-harvest")
         box = [pi.pir]
-        updated, max_irr = kvm_apic_update_irr(vcpu, box)
+        updated, max_irr = vkick.kvm.lapic.kvm_apic_update_irr(vcpu, box)
         pi.pir = 0
     _sync_pir_tail(vcpu, max_irr, updated)
     return max_irr
