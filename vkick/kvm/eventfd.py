@@ -48,7 +48,6 @@ Bug toggles (``kvm.toggles`` of the irqfd's VM; research/bugs.md):
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import functools
 from collections.abc import Callable
@@ -102,19 +101,21 @@ from vkick.kvm.irq import kvm_arch_irqfd_allowed
 from vkick.kvm.irq_comm import kvm_arch_set_irq_inatomic
 from vkick.kvm.irqchip import (
     KvmKernelIrqRoutingEntry,
+    copy_routing_entry,
     kvm_irq_map_chip_pin,
     kvm_irq_map_gsi,
     kvm_set_irq,
 )
+
+# KVM_IRQFD's flags, re-exported (the ioctl's callers import them from here).
+from vkick.kvm.kvm_host import KVM_IRQFD_FLAG_DEASSIGN as KVM_IRQFD_FLAG_DEASSIGN  # noqa: PLC0414
+from vkick.kvm.kvm_host import KVM_IRQFD_FLAG_RESAMPLE as KVM_IRQFD_FLAG_RESAMPLE  # noqa: PLC0414
 from vkick.kvm.kvm_host import (
     KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID,
     KVM_USERSPACE_IRQ_SOURCE_ID,
     Kvm,
     KvmIoDeviceOps,
 )
-
-KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
-KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
 
 
 @dataclass(slots=True, eq=False)
@@ -285,13 +286,6 @@ def kvm_notify_irqfd_resampler(kvm: Kvm, irqchip: int, pin: int) -> bool:
         rt.cur_irq = saved
 
 
-def _resampler_lock(kvm: Kvm) -> asyncio.Lock:
-    lock: asyncio.Lock | None = kvm.resampler_lock
-    if lock is None:
-        lock = kvm.resampler_lock = asyncio.Lock()
-    return lock
-
-
 async def irqfd_resampler_shutdown(irqfd: KvmKernelIrqfd) -> None:
     """virt/kvm/eventfd.c: irqfd_resampler_shutdown  [process; sleeps]
 
@@ -303,7 +297,7 @@ async def irqfd_resampler_shutdown(irqfd: KvmKernelIrqfd) -> None:
     resampler = irqfd.resampler
     assert resampler is not None
     kvm = resampler.kvm
-    async with _resampler_lock(kvm):
+    async with kvm.resampler_lock:
         resampler.list.remove(irqfd)  # list_del_rcu
         await synchronize_srcu(kvm.irq_srcu)
         if not resampler.list:
@@ -338,9 +332,7 @@ def irqfd_wakeup(wait: WaitQueueEntry, mode: int, sync: int, key: int) -> int:
         while True:
             seq = read_seqcount_begin(irqfd.irq_entry_sc)
             irq = irqfd.irq_entry
-            snapshot = KvmKernelIrqRoutingEntry(irq.gsi, irq.type, irq.address_lo,
-                                                irq.address_hi, irq.data, irq.set,
-                                                irq.irqchip, irq.pin)
+            snapshot = copy_routing_entry(irq)
             if not read_seqcount_retry(irqfd.irq_entry_sc, seq):
                 break
         saved_irq, saved_merged = rt.cur_irq, rt.cur_merged
@@ -489,7 +481,7 @@ async def kvm_irqfd_assign(kvm: Kvm, eventfd: EventfdCtx, gsi: int, flags: int =
         if isinstance(r, int):
             return await _irqfd_assign_fail(irqfd, f, r)
         irqfd.resamplefd = r
-        async with _resampler_lock(kvm):
+        async with kvm.resampler_lock:
             for resampler in kvm.resampler_list:
                 if resampler.notifier.gsi == irqfd.gsi:
                     irqfd.resampler = resampler

@@ -27,6 +27,7 @@ by the PIT only).
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
@@ -69,7 +70,6 @@ IOAPIC_EXTINT: Final = 0x7
 RTC_GSI: Final = 8
 IOAPIC_SUCCESSIVE_IRQ_MAX_COUNT: Final = 10000
 EOI_INJECT_DELAY_NS: Final = 10_000_000  # HZ / 100 jiffies
-EOPNOTSUPP: Final = 95
 
 
 @dataclass(slots=True)
@@ -514,7 +514,7 @@ def ioapic_mmio_read(vcpu: KvmVcpu | None, ioapic: KvmIoapic, addr: int,
     storing it through a pointer.
     """
     if not ioapic_in_range(ioapic, addr):
-        return -EOPNOTSUPP, 0
+        return -errno.EOPNOTSUPP, 0
     off = addr & 0xFF
     if off == IOAPIC_REG_SELECT:
         result = ioapic.ioregsel
@@ -536,7 +536,7 @@ def ioapic_mmio_write(vcpu: KvmVcpu | None, ioapic: KvmIoapic, addr: int, length
     fewer); other offsets are ignored.
     """
     if not ioapic_in_range(ioapic, addr):
-        return -EOPNOTSUPP
+        return -errno.EOPNOTSUPP
     if length in (8, 4):
         data = val & 0xFFFFFFFF
     elif length == 2:

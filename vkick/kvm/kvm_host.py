@@ -9,6 +9,7 @@ PIR) are Python ints: bit ``v`` is vector ``v``.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -163,6 +164,9 @@ KVM_IRQ_ROUTING_MSI: Final = 2
 KVM_IRQ_ROUTING_S390_ADAPTER: Final = 3
 KVM_IRQ_ROUTING_HV_SINT: Final = 4
 KVM_MAX_IRQ_ROUTES: Final = 4096
+# struct kvm_irqfd .flags (include/uapi/linux/kvm.h).
+KVM_IRQFD_FLAG_DEASSIGN: Final = 1 << 0
+KVM_IRQFD_FLAG_RESAMPLE: Final = 1 << 1
 
 KVM_HALT_POLL_NS_DEFAULT: Final = 200_000
 
@@ -383,9 +387,9 @@ class Kvm:
     irq_routing: Any = None  # irqchip.KvmIrqRoutingTable, RCU-published
     irqfds: list[Any] = field(default_factory=list)  # active KvmKernelIrqfd, in order
     # kvm->irqfds.resampler_list (KvmKernelIrqfdResampler) and its mutex resampler_lock
-    # (an asyncio.Lock, made on first use: a sleeping lock).
+    # (a sleeping lock: an asyncio.Lock, bound to the running loop on first use).
     resampler_list: list[Any] = field(default_factory=list)
-    resampler_lock: Any = None
+    resampler_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     irq_ack_notifier_list: list[Any] = field(default_factory=list)  # KvmIrqAckNotifier
     irq_srcu: Any = None  # kernel.srcu.SrcuStruct
     irqfd_cleanup_wq: Any = None  # kernel.workqueue.Workqueue "kvm-irqfd-cleanup"

@@ -26,6 +26,7 @@ Bug toggles (kvm.toggles): ``no-barrier-after-guest-mode`` (spec §16.1a),
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from typing import Final
 
@@ -216,7 +217,7 @@ def inject_pending_event(vcpu: KvmVcpu) -> bool:
         arch.nmi_pending += arch.nmi_queued  # process_nmi (NMIs recorded, not delivered)
         arch.nmi_queued = 0
     if kvm_cpu_has_injectable_intr(vcpu):
-        r = vmx_interrupt_allowed(vcpu, True) if can_inject else -16
+        r = vmx_interrupt_allowed(vcpu, True) if can_inject else -errno.EBUSY
         if r < 0:
             return True
         if r:
@@ -391,9 +392,9 @@ def kvm_arch_vm_ioctl_create_irqchip(kvm: Kvm) -> int:
     from vkick.kvm.irq_comm import kvm_setup_default_irq_routing  # noqa: PLC0415
 
     if kvm.arch.irqchip_mode == KVM_IRQCHIP_KERNEL:
-        return -17  # -EEXIST
+        return -errno.EEXIST
     if kvm.vcpus:
-        return -22  # -EINVAL
+        return -errno.EINVAL
     r = kvm_ioapic_init(kvm)
     if r:
         return r
@@ -703,7 +704,7 @@ def kvm_arch_vcpu_ioctl_set_mpstate(vcpu: KvmVcpu, mp_state: MpState) -> int:
     apic = vcpu.arch.apic
     if mp_state == MpState.KVM_MP_STATE_SIPI_RECEIVED:
         if apic is None:
-            return -22  # -EINVAL
+            return -errno.EINVAL
         vcpu.arch.mp_state = MpState.KVM_MP_STATE_INIT_RECEIVED
         apic.pending_events |= 1 << KVM_APIC_SIPI
     else:
@@ -931,14 +932,14 @@ async def kvm_vcpu_ioctl_enable_cap(vcpu: KvmVcpu, cap: KvmEnableCap) -> int:
     from vkick.kvm.irq import irqchip_in_kernel  # noqa: PLC0415
 
     if cap.flags:
-        return -22
+        return -errno.EINVAL
     if cap.cap == KVM_CAP_HYPERV_SYNIC2 and cap.args[0]:
-        return -22
+        return -errno.EINVAL
     if cap.cap in (KVM_CAP_HYPERV_SYNIC, KVM_CAP_HYPERV_SYNIC2):
         if not irqchip_in_kernel(vcpu.kvm):
-            return -22
+            return -errno.EINVAL
         return await kvm_hv_activate_synic(vcpu, cap.cap == KVM_CAP_HYPERV_SYNIC2)
-    return -22
+    return -errno.EINVAL
 
 
 async def kvm_arch_vcpu_ioctl(vcpu: KvmVcpu, ioctl: int, arg: KvmEnableCap) -> int:
@@ -951,7 +952,7 @@ async def kvm_arch_vcpu_ioctl(vcpu: KvmVcpu, ioctl: int, arg: KvmEnableCap) -> i
     argument already copied in; any other ioctl is -EINVAL.
     """
     if ioctl != KVM_ENABLE_CAP:
-        return -22
+        return -errno.EINVAL
     await vcpu_load(vcpu)
     try:
         return await kvm_vcpu_ioctl_enable_cap(vcpu, arg)
