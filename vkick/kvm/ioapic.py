@@ -48,7 +48,7 @@ from vkick.kvm.kvm_host import (
     KvmVcpu,
 )
 from vkick.kvm.kvm_main_io import kvm_io_bus_register_dev
-from vkick.kvm.lapic_map import kvm_apic_match_dest
+from vkick.kvm.lapic_map import kvm_apic_match_dest, kvm_bitmap_or_dest_vcpus
 
 IOAPIC_NUM_PINS: Final = KVM_IOAPIC_NUM_PINS
 IOAPIC_VERSION_ID: Final = 0x11
@@ -278,8 +278,6 @@ def _dest_vcpu_bitmap(ioapic: KvmIoapic, e: KvmIoapicRedirectEntry, old_dest_id:
                       old_dest_mode: int) -> int:
     """The FIXED-mode half of ioapic_write_indirect: the vCPUs the entry's old and new
     destinations name (kvm_bitmap_or_dest_vcpus twice)."""
-    from vkick.kvm.lapic import kvm_bitmap_or_dest_vcpus  # noqa: PLC0415
-
     irq = KvmLapicIrq(vector=e.vector, delivery_mode=e.delivery_mode << 8,
                       dest_mode=kvm_lapic_irq_dest_mode(e.dest_mode), level=False,
                       trig_mode=e.trig_mode, shorthand=APIC_DEST_NOSHORT, dest_id=e.dest_id,

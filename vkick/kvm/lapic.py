@@ -11,7 +11,7 @@ kvm_lapic_find_highest_irr, kvm_lapic_set_irr, apic_clear_irr, __kvm_apic_update
 kvm_apic_update_irr, apic_set_isr, apic_clear_isr, apic_find_highest_isr, __apic_update_ppr,
 apic_update_ppr, apic_has_interrupt_for_ppr, apic_set_tpr, kvm_apic_has_interrupt,
 kvm_get_apic_interrupt, kvm_apic_pending_eoi, kvm_ioapic_handles_vector, kvm_ioapic_send_eoi,
-apic_set_eoi, kvm_apic_set_eoi_accelerated, kvm_bitmap_or_dest_vcpus, kvm_apic_set_irq,
+apic_set_eoi, kvm_apic_set_eoi_accelerated, kvm_apic_set_irq,
 __apic_accept_irq, kvm_apic_accept_events, kvm_lapic_reg_write, kvm_x2apic_msr_write,
 kvm_apic_send_ipi, and the state side: kvm_lapic_set_base, kvm_lapic_get_base,
 kvm_apic_update_apicv, kvm_lapic_reset, kvm_apic_state_fixup, kvm_apic_get_state,
@@ -71,7 +71,6 @@ from vkick.kvm.kvm_host import (
     KVM_REQ_SMI,
     MSR_IA32_APICBASE_ENABLE,
     X2APIC_ENABLE,
-    Kvm,
     KvmLapic,
     KvmLapicIrq,
     KvmLapicState,
@@ -444,33 +443,6 @@ def kvm_apic_set_eoi_accelerated(vcpu: KvmVcpu, vector: int) -> None:
     kvm_make_request(KVM_REQ_EVENT, vcpu)
 
 
-def kvm_bitmap_or_dest_vcpus(kvm: Kvm, irq: KvmLapicIrq, vcpu_bitmap: int) -> int:
-    """arch/x86/kvm/lapic.c: kvm_bitmap_or_dest_vcpus — add (by vCPU index) the vCPUs
-    ``irq``'s destination names: from the APIC map when it resolves the destination, else
-    by matching every present APIC (the IOAPIC's rescan targets).
-    Differs from the kernel: returns the updated bitmap instead of setting bits in place.
-    """
-    from vkick.kvm.lapic_map import (  # noqa: PLC0415
-        kvm_apic_map_get_dest_lapic,
-        kvm_apic_match_dest,
-    )
-
-    ok, dst, offset, bitmap = kvm_apic_map_get_dest_lapic(kvm, None, irq, kvm.arch.apic_map)
-    if ok:
-        for i in range(16):
-            if bitmap >> i & 1:
-                dest = dst[offset + i]
-                if dest is not None:
-                    vcpu_bitmap |= 1 << dest.vcpu.vcpu_idx
-        return vcpu_bitmap
-    for i, vcpu in enumerate(kvm.vcpus):
-        if not kvm_apic_present(vcpu):
-            continue
-        if kvm_apic_match_dest(vcpu, None, irq.shorthand, irq.dest_id, irq.dest_mode):
-            vcpu_bitmap |= 1 << i
-    return vcpu_bitmap
-
-
 # ---------------------------------------------------------------------------- accept
 
 
@@ -782,8 +754,7 @@ def kvm_lapic_set_base(vcpu: KvmVcpu, value: int) -> None:
     apic = vcpu.arch.apic
     if apic is None:
         return
-    old_value = ((MSR_IA32_APICBASE_ENABLE if apic.hw_enabled else 0)
-                 | (X2APIC_ENABLE if apic.x2apic_mode else 0))
+    old_value = kvm_lapic_get_base(vcpu)  # vcpu->arch.apic_base
     apic.hw_enabled = bool(value & MSR_IA32_APICBASE_ENABLE)  # vcpu->arch.apic_base = value
     apic.x2apic_mode = bool(value & X2APIC_ENABLE)
     changed = old_value ^ value

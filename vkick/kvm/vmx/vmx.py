@@ -82,8 +82,7 @@ def vmx_create_vcpu(vcpu: KvmVcpu) -> None:
     Differs from the kernel: only these controls; the VMCS, MSR bitmap and the PI
     descriptor's NV/SN (set in kvm_vm_ioctl_create_vcpu) are not modelled here.
     """
-    vcpu.arch.pin_posted_intr = vcpu.arch.apicv_active
-    vcpu.arch.virtual_intr_delivery = vcpu.arch.apicv_active
+    vmx_refresh_apicv_exec_ctrl(vcpu)  # the same controls, from the same state
 
 
 def vmx_refresh_apicv_exec_ctrl(vcpu: KvmVcpu) -> None:
