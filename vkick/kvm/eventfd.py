@@ -48,12 +48,11 @@ Bug toggles (``kvm.toggles`` of the irqfd's VM; research/bugs.md):
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from vkick.kernel.eventfd import (
     EventfdCtx,
@@ -102,18 +101,21 @@ from vkick.kvm.irq import kvm_arch_irqfd_allowed
 from vkick.kvm.irq_comm import kvm_arch_set_irq_inatomic
 from vkick.kvm.irqchip import (
     KvmKernelIrqRoutingEntry,
+    copy_routing_entry,
     kvm_irq_map_chip_pin,
     kvm_irq_map_gsi,
     kvm_set_irq,
 )
+
+# KVM_IRQFD's flags, re-exported (the ioctl's callers import them from here).
+from vkick.kvm.kvm_host import KVM_IRQFD_FLAG_DEASSIGN as KVM_IRQFD_FLAG_DEASSIGN  # noqa: PLC0414
+from vkick.kvm.kvm_host import KVM_IRQFD_FLAG_RESAMPLE as KVM_IRQFD_FLAG_RESAMPLE  # noqa: PLC0414
 from vkick.kvm.kvm_host import (
     KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID,
     KVM_USERSPACE_IRQ_SOURCE_ID,
     Kvm,
+    KvmIoDeviceOps,
 )
-
-KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
-KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
 
 
 @dataclass(slots=True, eq=False)
@@ -238,13 +240,13 @@ def irqfd_resampler_ack(kian: KvmIrqAckNotifier) -> None:
     try:
         kvm_set_irq(kvm, KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID, kian.gsi, 0, False)
         idx = srcu_read_lock(kvm.irq_srcu)
-        irqfds = tuple(resampler.list)  # list_for_each_entry_rcu
         bus = rt.bus
         if bus.on:
-            bus.emit("irqfd_resampler_ack", vm=kvm.name, gsi=kian.gsi, n=len(irqfds))
-        for irqfd in irqfds:
-            assert irqfd.resamplefd is not None
-            eventfd_signal(irqfd.resamplefd, 1)
+            bus.emit("irqfd_resampler_ack", vm=kvm.name, gsi=kian.gsi,
+                     n=len(resampler.list))
+        # v5.13 open-codes this loop (list_for_each_entry_rcu); later kernels call
+        # irqfd_resampler_notify, which is the same loop.
+        irqfd_resampler_notify(resampler)
         srcu_read_unlock(kvm.irq_srcu, idx)
     finally:
         rt.cur_irq = saved
@@ -284,13 +286,6 @@ def kvm_notify_irqfd_resampler(kvm: Kvm, irqchip: int, pin: int) -> bool:
         rt.cur_irq = saved
 
 
-def _resampler_lock(kvm: Kvm) -> asyncio.Lock:
-    lock: asyncio.Lock | None = kvm.resampler_lock
-    if lock is None:
-        lock = kvm.resampler_lock = asyncio.Lock()
-    return lock
-
-
 async def irqfd_resampler_shutdown(irqfd: KvmKernelIrqfd) -> None:
     """virt/kvm/eventfd.c: irqfd_resampler_shutdown  [process; sleeps]
 
@@ -302,7 +297,7 @@ async def irqfd_resampler_shutdown(irqfd: KvmKernelIrqfd) -> None:
     resampler = irqfd.resampler
     assert resampler is not None
     kvm = resampler.kvm
-    async with _resampler_lock(kvm):
+    async with kvm.resampler_lock:
         resampler.list.remove(irqfd)  # list_del_rcu
         await synchronize_srcu(kvm.irq_srcu)
         if not resampler.list:
@@ -337,9 +332,7 @@ def irqfd_wakeup(wait: WaitQueueEntry, mode: int, sync: int, key: int) -> int:
         while True:
             seq = read_seqcount_begin(irqfd.irq_entry_sc)
             irq = irqfd.irq_entry
-            snapshot = KvmKernelIrqRoutingEntry(irq.gsi, irq.type, irq.address_lo,
-                                                irq.address_hi, irq.data, irq.set,
-                                                irq.irqchip, irq.pin)
+            snapshot = copy_routing_entry(irq)
             if not read_seqcount_retry(irqfd.irq_entry_sc, seq):
                 break
         saved_irq, saved_merged = rt.cur_irq, rt.cur_merged
@@ -488,7 +481,7 @@ async def kvm_irqfd_assign(kvm: Kvm, eventfd: EventfdCtx, gsi: int, flags: int =
         if isinstance(r, int):
             return await _irqfd_assign_fail(irqfd, f, r)
         irqfd.resamplefd = r
-        async with _resampler_lock(kvm):
+        async with kvm.resampler_lock:
             for resampler in kvm.resampler_list:
                 if resampler.notifier.gsi == irqfd.gsi:
                     irqfd.resampler = resampler
@@ -726,6 +719,7 @@ async def kvm_unregister_irq_ack_notifier(kvm: Kvm, kian: KvmIrqAckNotifier) -> 
 class KvmIoeventfd:
     """virt/kvm/eventfd.c: struct _ioeventfd — an (address, length, datamatch) doorbell."""
 
+    ops: ClassVar[KvmIoDeviceOps]  # its struct kvm_io_device: ioeventfd_ops
     addr: int
     eventfd: EventfdCtx
     length: int = 0  # 0 = any access length
@@ -744,3 +738,8 @@ def ioeventfd_write(p: KvmIoeventfd, addr: int, length: int, val: int) -> int:
         return -errno.EOPNOTSUPP
     eventfd_signal(p.eventfd, 1)
     return 0
+
+
+# ioeventfd_ops (kvm_iodevice_init in kvm_assign_ioeventfd_idx); ioeventfd_write takes no vCPU.
+KvmIoeventfd.ops = KvmIoDeviceOps(
+    write=lambda vcpu, this, addr, length, val: ioeventfd_write(this, addr, length, val))

@@ -12,22 +12,24 @@ itself is §19 "not specified in detail", so this follows the v5.13 source (iden
 5.12.9 and 5.14-rc5).
 
 Covered: kvm_ioapic_init, kvm_ioapic_reset, ioapic_in_kernel, ioapic_set_irq,
-kvm_ioapic_set_irq, kvm_ioapic_clear_all, ioapic_service, ioapic_read_indirect,
+kvm_ioapic_set_irq, ioapic_service, ioapic_read_indirect,
 ioapic_write_indirect, ioapic_in_range, ioapic_mmio_read, ioapic_mmio_write,
 kvm_ioapic_update_eoi, kvm_ioapic_update_eoi_one, kvm_ioapic_eoi_inject_work,
 kvm_ioapic_scan_entry, kvm_arch_post_irq_ack_notifier_list_update, kvm_get_ioapic,
 kvm_set_ioapic, kvm_ioapic_inject_all.
 Left out (said where it matters): the PIC (i8259.c) and its half of the default routing;
-the RTC (pin 8) EOI tracking, which only KVM_IRQ_LINE_STATUS (``line_status`` true)
-engages — every path vkick models passes ``line_status = false``, for which the tracking
-is a no-op, so ``rtc_irq_eoi`` and ``ioapic_lazy_update_eoi`` (AMD AVIC) are omitted; mask
-notifiers (used by the PIT only).
+the RTC (pin 8) coalescing check and EOI tracking, which engage only for pin 8 with
+``line_status`` true (KVM_IRQ_LINE_STATUS, and kvm_ioapic_inject_all restoring a saved
+state) — vkick models no RTC, so ``line_status`` is carried but never acted on, and
+``rtc_irq_eoi`` and ``ioapic_lazy_update_eoi`` (AMD AVIC) are omitted; mask notifiers (used
+by the PIT only).
 """
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
-from typing import Final
+from typing import ClassVar, Final
 
 from vkick.kernel.workqueue import DelayedWork, WorkStruct, schedule_delayed_work
 from vkick.kvm.irq import __kvm_irq_line_state, irqchip_kernel
@@ -41,10 +43,12 @@ from vkick.kvm.kvm_host import (
     KVM_IOAPIC_NUM_PINS,
     KVM_IRQCHIP_IOAPIC,
     Kvm,
+    KvmIoDeviceOps,
     KvmLapicIrq,
     KvmVcpu,
 )
-from vkick.kvm.lapic_map import kvm_apic_match_dest
+from vkick.kvm.kvm_main_io import kvm_io_bus_register_dev
+from vkick.kvm.lapic_map import kvm_apic_match_dest, kvm_bitmap_or_dest_vcpus
 
 IOAPIC_NUM_PINS: Final = KVM_IOAPIC_NUM_PINS
 IOAPIC_VERSION_ID: Final = 0x11
@@ -66,7 +70,6 @@ IOAPIC_EXTINT: Final = 0x7
 RTC_GSI: Final = 8
 IOAPIC_SUCCESSIVE_IRQ_MAX_COUNT: Final = 10000
 EOI_INJECT_DELAY_NS: Final = 10_000_000  # HZ / 100 jiffies
-EOPNOTSUPP: Final = 95
 
 
 @dataclass(slots=True)
@@ -128,6 +131,7 @@ class KvmIoapic:
     delivery consumes them, a level line's deliveries all carry them).
     """
 
+    ops: ClassVar[KvmIoDeviceOps]  # its struct kvm_io_device: ioapic_mmio_ops
     kvm: Kvm
     eoi_inject: DelayedWork
     base_address: int = IOAPIC_DEFAULT_BASE_ADDRESS
@@ -274,8 +278,6 @@ def _dest_vcpu_bitmap(ioapic: KvmIoapic, e: KvmIoapicRedirectEntry, old_dest_id:
                       old_dest_mode: int) -> int:
     """The FIXED-mode half of ioapic_write_indirect: the vCPUs the entry's old and new
     destinations name (kvm_bitmap_or_dest_vcpus twice)."""
-    from vkick.kvm.lapic import kvm_bitmap_or_dest_vcpus  # noqa: PLC0415
-
     irq = KvmLapicIrq(vector=e.vector, delivery_mode=e.delivery_mode << 8,
                       dest_mode=kvm_lapic_irq_dest_mode(e.dest_mode), level=False,
                       trig_mode=e.trig_mode, shorthand=APIC_DEST_NOSHORT, dest_id=e.dest_id,
@@ -373,7 +375,7 @@ def ioapic_service(ioapic: KvmIoapic, irq: int, line_status: bool) -> int:
     entry's trigger mode) and send it through kvm_irq_delivery_to_apic (spec §9.6) —
     so the accepting LAPIC sets TMR for a level pin.  A level pin that reached anyone
     (result ≠ 0) sets remote IRR; an edge pin is marked delivered.
-    Differs from the kernel: no RTC dest_map tracking (``line_status`` is always false).
+    Differs from the kernel: no RTC dest_map tracking (pin 8 with ``line_status``).
     """
     entry = ioapic.redirtbl[irq]
     kvm = ioapic.kvm
@@ -422,13 +424,6 @@ def kvm_ioapic_set_irq(ioapic: KvmIoapic, irq: int, irq_source_id: int, level: i
     assert 0 <= irq < IOAPIC_NUM_PINS
     irq_level = __kvm_irq_line_state(ioapic.irq_states, irq, irq_source_id, level)
     return ioapic_set_irq(ioapic, irq, irq_level, line_status)
-
-
-def kvm_ioapic_clear_all(ioapic: KvmIoapic, irq_source_id: int) -> None:
-    """arch/x86/kvm/ioapic.c: kvm_ioapic_clear_all — forget a freed source on every pin
-    (the line levels are not re-evaluated, as in the kernel)."""
-    for i in range(IOAPIC_NUM_PINS):
-        ioapic.irq_states[i] &= ~(1 << irq_source_id)
 
 
 def kvm_ioapic_eoi_inject_work(work: WorkStruct) -> None:
@@ -517,7 +512,7 @@ def ioapic_mmio_read(vcpu: KvmVcpu | None, ioapic: KvmIoapic, addr: int,
     storing it through a pointer.
     """
     if not ioapic_in_range(ioapic, addr):
-        return -EOPNOTSUPP, 0
+        return -errno.EOPNOTSUPP, 0
     off = addr & 0xFF
     if off == IOAPIC_REG_SELECT:
         result = ioapic.ioregsel
@@ -539,7 +534,7 @@ def ioapic_mmio_write(vcpu: KvmVcpu | None, ioapic: KvmIoapic, addr: int, length
     fewer); other offsets are ignored.
     """
     if not ioapic_in_range(ioapic, addr):
-        return -EOPNOTSUPP
+        return -errno.EOPNOTSUPP
     if length in (8, 4):
         data = val & 0xFFFFFFFF
     elif length == 2:
@@ -554,6 +549,10 @@ def ioapic_mmio_write(vcpu: KvmVcpu | None, ioapic: KvmIoapic, addr: int, length
     elif off == IOAPIC_REG_WINDOW:
         ioapic_write_indirect(ioapic, data)
     return 0
+
+
+# ioapic_mmio_ops (the read op is not on the bus here: vkick's guests only write).
+KvmIoapic.ops = KvmIoDeviceOps(write=ioapic_mmio_write)
 
 
 def kvm_ioapic_reset(ioapic: KvmIoapic) -> None:
@@ -573,15 +572,17 @@ def kvm_ioapic_reset(ioapic: KvmIoapic) -> None:
 
 def kvm_ioapic_init(kvm: Kvm) -> int:
     """arch/x86/kvm/ioapic.c: kvm_ioapic_init — create and reset the IOAPIC
-    (``kvm->arch.vioapic``) and put it on the MMIO bus at 0xFEC00000.
-    Differs from the kernel: the MMIO bus registration is the caller's (vkick's
-    ``kvm.io_bus`` is one callable; see scenario/runner.py)."""
+    (``kvm->arch.vioapic``) and put its 256-byte window on the MMIO bus at its base
+    address (0xFEC00000), where the guest's writes reach ioapic_mmio_write."""
     eoi_inject = DelayedWork(kvm.rt, kvm_ioapic_eoi_inject_work, f"{kvm.name}.eoi_inject")
     ioapic = KvmIoapic(kvm=kvm, eoi_inject=eoi_inject)
     eoi_inject.work.owner = ioapic
     kvm.arch.vioapic = ioapic
     kvm_ioapic_reset(ioapic)
-    return 0
+    ret = kvm_io_bus_register_dev(kvm, ioapic.base_address, IOAPIC_MEM_LENGTH, ioapic)
+    if ret < 0:
+        kvm.arch.vioapic = None
+    return ret
 
 
 def kvm_get_ioapic(kvm: Kvm) -> KvmIoapicState:

@@ -11,10 +11,9 @@ from vkick.kvm.kvm_host import (
     KVM_IRQCHIP_KERNEL,
     KVM_IRQCHIP_NONE,
     KVM_IRQCHIP_SPLIT,
+    KVM_IRQFD_FLAG_RESAMPLE,
     Kvm,
 )
-
-KVM_IRQFD_FLAG_RESAMPLE = 1 << 1  # include/uapi/linux/kvm.h (also in kvm/eventfd.py)
 
 
 def irqchip_split(kvm: Kvm) -> bool:

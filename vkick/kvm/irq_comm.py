@@ -5,10 +5,10 @@ the x86 half of routing-table construction.
 Covered: kvm_set_msi_irq, kvm_msi_route_invalid, kvm_arch_set_irq_inatomic, kvm_set_msi,
 kvm_set_ioapic_irq, kvm_irq_delivery_to_apic, kvm_set_routing_entry,
 kvm_setup_default_irq_routing, kvm_arch_post_irq_routing_update, kvm_scan_ioapic_routes,
-kvm_send_userspace_msi (virt/kvm/irqchip.c, KVM_SIGNAL_MSI), kvm_intr_is_single_vcpu (with
-lapic.c's kvm_intr_is_single_vcpu_fast and kvm_host.h's kvm_irq_is_postable, the tests VT-d
-posting makes).  Left out: the PIC (kvm_set_pic_irq), Hyper-V SynIC routes
-(kvm_hv_set_sint), mask notifiers (the PIT's).
+kvm_send_userspace_msi (virt/kvm/irqchip.c, KVM_SIGNAL_MSI), kvm_intr_is_single_vcpu (its
+fast half, lapic.c's kvm_intr_is_single_vcpu_fast, is in :mod:`vkick.kvm.lapic_map`) and
+kvm_host.h's kvm_irq_is_postable: the tests VT-d posting makes.  Left out: the PIC
+(kvm_set_pic_irq), Hyper-V SynIC routes (kvm_hv_set_sint), mask notifiers (the PIT's).
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ from vkick.kvm.kvm_host import (
 )
 from vkick.kvm.lapic import kvm_apic_present, kvm_apic_set_irq
 from vkick.kvm.lapic_map import (
-    kvm_apic_map_get_dest_lapic,
     kvm_apic_match_dest,
+    kvm_intr_is_single_vcpu_fast,
     kvm_irq_delivery_to_apic_fast,
     kvm_lowest_prio_delivery,
     kvm_vector_to_index,
@@ -290,21 +290,6 @@ def kvm_irq_is_postable(irq: KvmLapicIrq) -> bool:
     Only Fixed and Lowest-priority interrupts can be posted.
     """
     return irq.delivery_mode in (APIC_DM_FIXED, APIC_DM_LOWEST)
-
-
-def kvm_intr_is_single_vcpu_fast(kvm: Kvm, irq: KvmLapicIrq) -> KvmVcpu | None:
-    """arch/x86/kvm/lapic.c: kvm_intr_is_single_vcpu_fast → the one vCPU, or None  [RCU]
-
-    Through the APIC map: no shorthand, resolvable, exactly one destination bit with an
-    APIC behind it (lowest priority has picked its one destination already).
-    """
-    if irq.shorthand:
-        return None
-    ok, dst, offset, bitmap = kvm_apic_map_get_dest_lapic(kvm, None, irq, kvm.arch.apic_map)
-    if not ok or bitmap.bit_count() != 1:
-        return None
-    apic = dst[offset + bitmap.bit_length() - 1]
-    return None if apic is None else apic.vcpu
 
 
 def kvm_intr_is_single_vcpu(kvm: Kvm, irq: KvmLapicIrq) -> KvmVcpu | None:

@@ -9,7 +9,9 @@ PIR) are Python ints: bit ``v`` is vector ``v``.
 
 from __future__ import annotations
 
+import asyncio
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, NewType
 
@@ -161,6 +163,9 @@ KVM_IRQ_ROUTING_MSI: Final = 2
 KVM_IRQ_ROUTING_S390_ADAPTER: Final = 3
 KVM_IRQ_ROUTING_HV_SINT: Final = 4
 KVM_MAX_IRQ_ROUTES: Final = 4096
+# struct kvm_irqfd .flags (include/uapi/linux/kvm.h).
+KVM_IRQFD_FLAG_DEASSIGN: Final = 1 << 0
+KVM_IRQFD_FLAG_RESAMPLE: Final = 1 << 1
 
 KVM_HALT_POLL_NS_DEFAULT: Final = 200_000
 
@@ -292,7 +297,6 @@ class KvmVcpuArch:
     # Vectors whose EOI must reach the IOAPIC (level-triggered pins, pins with ack
     # notifiers, RTC): rebuilt by vcpu_scan_ioapic, loaded into eoi_exit_bitmap.
     ioapic_handled_vectors: int = 0  # 256-bit
-    load_eoi_exitmap_pending: bool = False  # nested only: never set on this path
     pending_ioapic_eoi: int = 0  # split irqchip: the vector for KVM_EXIT_IOAPIC_EOI
     # vkick bookkeeping (no kernel counterpart): correlation ids of the signals pending per
     # vector, popped at delivery; and how the last posting went (for the event's `path`).
@@ -350,6 +354,26 @@ class KvmArch:
     vioapic: Any = None  # ioapic.KvmIoapic | None (kvm->arch.vioapic)
 
 
+@dataclass(slots=True, frozen=True)
+class KvmIoDeviceOps:
+    """include/kvm/iodev.h: struct kvm_io_device_ops — ``write(vcpu, this, addr, len, val)``
+    returns 0 when the device handled the access, else nonzero (it goes to the next device).
+    The read and destructor ops are not on this path."""
+
+    write: Callable[[Any, Any, int, int, int], int]
+
+
+@dataclass(slots=True, eq=False)
+class KvmIoRange:
+    """include/linux/kvm_host.h: struct kvm_io_range — ``dev``'s window on the bus: ``addr``
+    and ``len`` (0: that address exactly, any access size).  ``dev`` is the device struct
+    (KvmIoeventfd, KvmIoapic), whose ``ops`` class attribute is its struct kvm_io_device."""
+
+    addr: int
+    len: int
+    dev: Any
+
+
 @dataclass(slots=True, eq=False)
 class Kvm:
     """include/linux/kvm_host.h: struct kvm (one VM)."""
@@ -362,9 +386,9 @@ class Kvm:
     irq_routing: Any = None  # irqchip.KvmIrqRoutingTable, RCU-published
     irqfds: list[Any] = field(default_factory=list)  # active KvmKernelIrqfd, in order
     # kvm->irqfds.resampler_list (KvmKernelIrqfdResampler) and its mutex resampler_lock
-    # (an asyncio.Lock, made on first use: a sleeping lock).
+    # (a sleeping lock: an asyncio.Lock, bound to the running loop on first use).
     resampler_list: list[Any] = field(default_factory=list)
-    resampler_lock: Any = None
+    resampler_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     irq_ack_notifier_list: list[Any] = field(default_factory=list)  # KvmIrqAckNotifier
     irq_srcu: Any = None  # kernel.srcu.SrcuStruct
     irqfd_cleanup_wq: Any = None  # kernel.workqueue.Workqueue "kvm-irqfd-cleanup"
@@ -373,5 +397,6 @@ class Kvm:
     vector_hashing: bool = True
     toggles: frozenset[str] = frozenset()  # bug re-creation / fix switches (research/bugs.md)
     host: Any = None  # hw host (pCPUs, scheduler), set by the builder
-    io_bus: Any = None  # callable(vcpu, addr, value): the MMIO/PIO bus (ioeventfds)
-    io_bus_devs: list[Any] = field(default_factory=list)  # kvm->buses: sorted by address
+    # kvm->buses[KVM_MMIO_BUS]->range[]: the devices on the bus, kept in
+    # kvm_io_bus_cmp order by kvm_io_bus_register_dev (one bus: MMIO and PIO not told apart).
+    io_bus_range: list[KvmIoRange] = field(default_factory=list)

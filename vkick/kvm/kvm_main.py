@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from typing import TYPE_CHECKING
 
+import vkick.kvm
 from vkick.hw.cpu import (
     HwHost,
     __schedule,
@@ -58,6 +60,13 @@ from vkick.kvm.kvm_host import (
     VcpuMode,
 )
 from vkick.runtime.tasks import Runtime
+
+if TYPE_CHECKING:
+    import vkick.kvm.x86
+
+# x86.py imports this module, so the hot paths here (kvm_sched_in / kvm_sched_out on every
+# context switch, kvm_vcpu_check_block on every block) read its functions from the package
+# at call time — vkick.kvm.x86.<name> — instead of running an import statement per call.
 
 EINTR = 4
 
@@ -336,7 +345,7 @@ async def vcpu_load(vcpu: KvmVcpu) -> None:
     await cpu_acquire(pcpu, task)
     task.cpu = cpu
     current_pcpu.set(pcpu)
-    pcpu.running_vcpu = vcpu
+    _set_running(vcpu, cpu, vcpu)
     preempt_notifier_register(task, vcpu.preempt_notifier)
     await kvm_arch_vcpu_load(vcpu, cpu)
     bus = vcpu.kvm.rt.bus
@@ -374,13 +383,11 @@ async def kvm_sched_in(pn: PreemptNotifier, cpu: int) -> None:
     ``preempted`` = ``ready`` = false, this CPU's ``kvm_running_vcpu`` := vcpu,
     kvm_arch_vcpu_load (→ vmx_vcpu_pi_load: SN, NDST, ON; then ``vcpu->cpu``).  Spec §15.8.
     """
-    from vkick.kvm.x86 import kvm_arch_vcpu_load  # noqa: PLC0415
-
     vcpu: KvmVcpu = pn.owner
     vcpu.preempted = False
     vcpu.ready = False
     _set_running(vcpu, cpu, vcpu)
-    await kvm_arch_vcpu_load(vcpu, cpu)
+    await vkick.kvm.x86.kvm_arch_vcpu_load(vcpu, cpu)
     bus = vcpu.kvm.rt.bus
     if bus.on:
         bus.emit("vkick_vcpu_load", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, pcpu=cpu,
@@ -394,15 +401,13 @@ def kvm_sched_out(pn: PreemptNotifier, nxt: TaskStruct | None) -> None:
     ``preempted`` = ``ready`` = true; kvm_arch_vcpu_put (→ vmx_vcpu_pi_put: SN when
     preempted); this CPU's ``kvm_running_vcpu`` := NULL.  Spec §15.8.
     """
-    from vkick.kvm.x86 import kvm_arch_vcpu_put  # noqa: PLC0415
-
     vcpu: KvmVcpu = pn.owner
     task = vcpu.task
     assert task is not None
     if task.state == TASK_RUNNING:
         vcpu.preempted = True
         vcpu.ready = True
-    kvm_arch_vcpu_put(vcpu)
+    vkick.kvm.x86.kvm_arch_vcpu_put(vcpu)
     _set_running(vcpu, task.cpu, None)
     bus = vcpu.kvm.rt.bus
     if bus.on:
@@ -440,9 +445,7 @@ def kvm_vcpu_check_block(vcpu: KvmVcpu) -> int:
     Runnable (a deliverable interrupt — PIR harvested first with APICv — or another event)
     → KVM_REQ_UNHALT and stop; KVM_REQ_UNBLOCK stops without making it runnable.
     """
-    from vkick.kvm.x86 import kvm_arch_vcpu_runnable  # noqa: PLC0415
-
-    if kvm_arch_vcpu_runnable(vcpu):
+    if vkick.kvm.x86.kvm_arch_vcpu_runnable(vcpu):
         kvm_make_request(KVM_REQ_UNHALT, vcpu)
         return -EINTR
     if kvm_check_request(KVM_REQ_UNBLOCK, vcpu):

@@ -11,7 +11,7 @@ kvm_lapic_find_highest_irr, kvm_lapic_set_irr, apic_clear_irr, __kvm_apic_update
 kvm_apic_update_irr, apic_set_isr, apic_clear_isr, apic_find_highest_isr, __apic_update_ppr,
 apic_update_ppr, apic_has_interrupt_for_ppr, apic_set_tpr, kvm_apic_has_interrupt,
 kvm_get_apic_interrupt, kvm_apic_pending_eoi, kvm_ioapic_handles_vector, kvm_ioapic_send_eoi,
-apic_set_eoi, kvm_apic_set_eoi_accelerated, kvm_bitmap_or_dest_vcpus, kvm_apic_set_irq,
+apic_set_eoi, kvm_apic_set_eoi_accelerated, kvm_apic_set_irq,
 __apic_accept_irq, kvm_apic_accept_events, kvm_lapic_reg_write, kvm_x2apic_msr_write,
 kvm_apic_send_ipi, and the state side: kvm_lapic_set_base, kvm_lapic_get_base,
 kvm_apic_update_apicv, kvm_lapic_reset, kvm_apic_state_fixup, kvm_apic_get_state,
@@ -30,6 +30,9 @@ import errno
 from typing import Final
 
 from vkick.hw.apicv import merge_pir_ids
+
+# irq (here), kvm_main and vmx (below) import nothing from here at module level: no cycles.
+from vkick.kvm.irq import irqchip_split
 from vkick.kvm.kvm_host import (
     APIC_BASE_MSR,
     APIC_DEFAULT_PHYS_BASE,
@@ -68,17 +71,16 @@ from vkick.kvm.kvm_host import (
     KVM_REQ_SMI,
     MSR_IA32_APICBASE_ENABLE,
     X2APIC_ENABLE,
-    Kvm,
     KvmLapic,
     KvmLapicIrq,
     KvmLapicState,
     KvmVcpu,
     MpState,
 )
-
-# kvm_main and vmx import nothing from here at module level, so these are not cycles.
 from vkick.kvm.kvm_main import kvm_make_request, kvm_vcpu_kick
 from vkick.kvm.vmx.vmx import (
+    pir_sync_allowed,
+    vmx_apicv_post_state_restore,
     vmx_deliver_posted_interrupt,
     vmx_hwapic_isr_update,
     vmx_set_rvi,
@@ -316,11 +318,7 @@ def apic_has_interrupt_for_ppr(apic: KvmLapic, ppr: int) -> int:
     have posted at all (``kvm_x86_ops.sync_pir_to_irr`` set: enable_apicv).
     """
     vcpu = apic.vcpu
-    if "fix-no-pir-sync-when-apicv-inhibited" in vcpu.kvm.toggles:
-        sync = vcpu.kvm.enable_apicv
-    else:
-        sync = vcpu.arch.apicv_active
-    if sync:
+    if pir_sync_allowed(vcpu):
         highest_irr = vmx_sync_pir_to_irr(vcpu)
     else:
         highest_irr = apic_find_highest_irr(apic)
@@ -394,13 +392,6 @@ def kvm_ioapic_send_eoi(apic: KvmLapic, vector: int) -> None:
     Edge MSIs — TMR clear, never IOAPIC-handled unless a pin shares the vector — have no
     side effect here (spec §11.8, §17.13).
     """
-    from vkick.kvm.ioapic import (  # noqa: PLC0415
-        IOAPIC_EDGE_TRIG,
-        IOAPIC_LEVEL_TRIG,
-        kvm_ioapic_update_eoi,
-    )
-    from vkick.kvm.irq import irqchip_split  # noqa: PLC0415
-
     if not kvm_ioapic_handles_vector(apic, vector):
         return
     vcpu = apic.vcpu
@@ -408,6 +399,12 @@ def kvm_ioapic_send_eoi(apic: KvmLapic, vector: int) -> None:
         vcpu.arch.pending_ioapic_eoi = vector
         kvm_make_request(KVM_REQ_IOAPIC_EOI_EXIT, vcpu)
         return
+    from vkick.kvm.ioapic import (  # noqa: PLC0415  (ioapic → lapic_map → this module)
+        IOAPIC_EDGE_TRIG,
+        IOAPIC_LEVEL_TRIG,
+        kvm_ioapic_update_eoi,
+    )
+
     trigger_mode = IOAPIC_LEVEL_TRIG if apic.tmr >> vector & 1 else IOAPIC_EDGE_TRIG
     kvm_ioapic_update_eoi(vcpu, vector, trigger_mode)
 
@@ -444,33 +441,6 @@ def kvm_apic_set_eoi_accelerated(vcpu: KvmVcpu, vector: int) -> None:
         bus.emit("kvm_eoi", vm=vcpu.kvm.name, vcpu=vcpu.vcpu_id, vector=vector)
     kvm_ioapic_send_eoi(apic, vector)
     kvm_make_request(KVM_REQ_EVENT, vcpu)
-
-
-def kvm_bitmap_or_dest_vcpus(kvm: Kvm, irq: KvmLapicIrq, vcpu_bitmap: int) -> int:
-    """arch/x86/kvm/lapic.c: kvm_bitmap_or_dest_vcpus — add (by vCPU index) the vCPUs
-    ``irq``'s destination names: from the APIC map when it resolves the destination, else
-    by matching every present APIC (the IOAPIC's rescan targets).
-    Differs from the kernel: returns the updated bitmap instead of setting bits in place.
-    """
-    from vkick.kvm.lapic_map import (  # noqa: PLC0415
-        kvm_apic_map_get_dest_lapic,
-        kvm_apic_match_dest,
-    )
-
-    ok, dst, offset, bitmap = kvm_apic_map_get_dest_lapic(kvm, None, irq, kvm.arch.apic_map)
-    if ok:
-        for i in range(16):
-            if bitmap >> i & 1:
-                dest = dst[offset + i]
-                if dest is not None:
-                    vcpu_bitmap |= 1 << dest.vcpu.vcpu_idx
-        return vcpu_bitmap
-    for i, vcpu in enumerate(kvm.vcpus):
-        if not kvm_apic_present(vcpu):
-            continue
-        if kvm_apic_match_dest(vcpu, None, irq.shorthand, irq.dest_id, irq.dest_mode):
-            vcpu_bitmap |= 1 << i
-    return vcpu_bitmap
 
 
 # ---------------------------------------------------------------------------- accept
@@ -580,21 +550,25 @@ def __apic_accept_irq(  # noqa: PLR0917  (the kernel's signature)
     return 0
 
 
-def kvm_apic_accept_events(vcpu: KvmVcpu) -> None:
-    """arch/x86/kvm/lapic.c: kvm_apic_accept_events — INIT/SIPI (v5.13: returns nothing)."""
+async def kvm_apic_accept_events(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/lapic.c: kvm_apic_accept_events  [vCPU thread]
+
+    Take the latched INIT/SIPI: an INIT resets the vCPU (kvm_vcpu_reset with init_event:
+    the LAPIC back to its INIT state, base MSR and APIC ID kept) and leaves the BSP
+    RUNNABLE, an AP in INIT_RECEIVED; a SIPI then makes an AP in INIT_RECEIVED RUNNABLE.
+    v5.13 returns nothing.
+    Differs from the kernel: no nested events or INIT latching (SMM, VMX root mode); the
+    SIPI vector is not delivered (no real-mode guest state).
+    """
     apic = vcpu.arch.apic
     if apic is None or not apic.pending_events:
         return
     pe = apic.pending_events
     apic.pending_events = 0
     if pe & (1 << KVM_APIC_INIT):
-        # kvm_vcpu_reset(init_event=true): the LAPIC state that matters here, with
-        # kvm_apic_update_apicv's counters for the current APICv state.
-        apic.irr = apic.isr = apic.tmr = 0
-        apicv = vcpu.arch.apicv_active
-        apic.irr_pending = apicv
-        apic.isr_count = 1 if apicv else 0
-        apic.highest_isr_cache = -1
+        from vkick.kvm.x86 import kvm_vcpu_reset  # noqa: PLC0415  (x86 imports this module)
+
+        await kvm_vcpu_reset(vcpu, True)
         vcpu.arch.mp_state = (MpState.KVM_MP_STATE_RUNNABLE if vcpu.vcpu_id == 0
                               else MpState.KVM_MP_STATE_INIT_RECEIVED)
     if pe & (1 << KVM_APIC_SIPI) and vcpu.arch.mp_state == MpState.KVM_MP_STATE_INIT_RECEIVED:
@@ -780,8 +754,7 @@ def kvm_lapic_set_base(vcpu: KvmVcpu, value: int) -> None:
     apic = vcpu.arch.apic
     if apic is None:
         return
-    old_value = ((MSR_IA32_APICBASE_ENABLE if apic.hw_enabled else 0)
-                 | (X2APIC_ENABLE if apic.x2apic_mode else 0))
+    old_value = kvm_lapic_get_base(vcpu)  # vcpu->arch.apic_base
     apic.hw_enabled = bool(value & MSR_IA32_APICBASE_ENABLE)  # vcpu->arch.apic_base = value
     apic.x2apic_mode = bool(value & X2APIC_ENABLE)
     changed = old_value ^ value
@@ -847,10 +820,12 @@ async def kvm_apic_update_apicv(vcpu: KvmVcpu) -> None:
 async def kvm_lapic_reset(vcpu: KvmVcpu, init_event: bool = False) -> None:
     """arch/x86/kvm/lapic.c: kvm_lapic_reset  [vCPU thread or ioctl]
 
-    The architectural reset state: enabled (base MSR), xAPIC ID = vCPU id (RESET only), DFR
-    flat, SVR 0xFF (software-disabled), TPR 0, LDR 0 (xAPIC), ICR 0, IRR/ISR/TMR clear,
-    then the map is recalculated.  Each setter marked the map DIRTY; at vCPU creation the
-    recalculation runs before the vCPU is visible in kvm->vcpus, so it does not see itself.
+    The architectural reset state: enabled (base MSR), xAPIC ID = vCPU id (RESET only, not
+    INIT), DFR flat, SVR 0xFF (software-disabled), TPR 0, LDR 0 (xAPIC), ICR 0, IRR/ISR/TMR
+    clear, the APICv counters (kvm_apic_update_apicv), PPR; with APICv active an emptied PI
+    descriptor (vmx_apicv_post_state_restore) and RVI/SVI cleared; then the map is
+    recalculated.  Each setter marked the map DIRTY; at vCPU creation the recalculation
+    runs before the vCPU is visible in kvm->vcpus, so it does not see itself.
     Differs from the kernel: no timers, LVTs or PV EOI; the BSP bit is not kept.
     """
     from vkick.kvm.lapic_map import kvm_recalculate_apic_map  # noqa: PLC0415
@@ -872,6 +847,7 @@ async def kvm_lapic_reset(vcpu: KvmVcpu, init_event: bool = False) -> None:
     apic.highest_isr_cache = -1
     apic_update_ppr(apic)
     if vcpu.arch.apicv_active:
+        vmx_apicv_post_state_restore(vcpu)  # kvm_x86_apicv_post_state_restore
         vmx_set_rvi(vcpu, -1)  # kvm_x86_hwapic_irr_update(vcpu, -1)
         vmx_hwapic_isr_update(vcpu, -1)  # kvm_x86_hwapic_isr_update(vcpu, -1)
     vcpu.arch.apic_arb_prio = 0
@@ -946,10 +922,7 @@ async def kvm_apic_set_state(vcpu: KvmVcpu, s: KvmLapicState) -> int:
     await kvm_apic_update_apicv(vcpu)
     apic.highest_isr_cache = -1
     if vcpu.arch.apicv_active:
-        # vmx_apicv_post_state_restore: the PI descriptor starts empty.
-        vcpu.pi_desc.on = False
-        vcpu.pi_desc.pir = 0
-        vcpu.arch.pir_ids.clear()
+        vmx_apicv_post_state_restore(vcpu)  # kvm_x86_apicv_post_state_restore
         vmx_set_rvi(vcpu, apic_find_highest_irr(apic))  # kvm_x86_hwapic_irr_update
         vmx_hwapic_isr_update(vcpu, apic_find_highest_isr(apic))  # ..._isr_update
     kvm_make_request(KVM_REQ_EVENT, vcpu)

@@ -3,7 +3,8 @@ destination resolution and the slow-path matching functions.
 
 Split from :mod:`vkick.kvm.lapic` along the seam lapic.c already has.  Covered:
 kvm_recalculate_apic_map, kvm_apic_map_get_logical_dest, kvm_apic_is_broadcast_dest,
-kvm_apic_map_get_dest_lapic, kvm_irq_delivery_to_apic_fast, kvm_apic_mda,
+kvm_apic_map_get_dest_lapic, kvm_irq_delivery_to_apic_fast, kvm_intr_is_single_vcpu_fast,
+kvm_bitmap_or_dest_vcpus, kvm_apic_mda,
 kvm_apic_match_physical_addr, kvm_apic_match_logical_addr, kvm_apic_match_dest,
 kvm_vector_to_index, kvm_apic_compare_prio, kvm_lowest_prio_delivery.
 """
@@ -82,7 +83,8 @@ async def kvm_recalculate_apic_map(kvm: Kvm, current: TaskStruct) -> None:
     check, then ``apic_map_lock`` (a mutex: the caller may sleep), the claim DIRTY →
     UPDATE_IN_PROGRESS, size the map by the highest present x2APIC ID, fill it from every
     visible vCPU's registers, publish (RCU) and UPDATE_IN_PROGRESS → CLEAN — a write that
-    marked the map DIRTY meanwhile leaves it DIRTY for the next rebuild.  ``current`` is the
+    marked the map DIRTY meanwhile leaves it DIRTY for the next rebuild; then every vCPU
+    rescans its IOAPIC-handled vectors (KVM_REQ_SCAN_IOAPIC).  ``current`` is the
     calling thread.  A vCPU whose x2APIC ID is above the size computed before the fill (it
     appeared or enabled its APIC in between) is left out of the physical map until the next
     rebuild (the v5.13 form of bug #11).
@@ -94,8 +96,7 @@ async def kvm_recalculate_apic_map(kvm: Kvm, current: TaskStruct) -> None:
     4364b287982b (6.4) + 41e90a69a49b (6.5): an x2APIC ID above the size discards the map
     being filled and retries with the larger size.
     Differs from the kernel: the 6.5 retry is grafted onto the v5.13 function (6.x also
-    split the fill into phys/logical helpers and disables the map on aliasing);
-    KVM_REQ_SCAN_IOAPIC is not requested (no IOAPIC is modelled on this path); the old map
+    split the fill into phys/logical helpers and disables the map on aliasing); the old map
     is dropped at once (Python references stand in for the RCU grace period).
     """
     arch = kvm.arch
@@ -298,6 +299,43 @@ def kvm_irq_delivery_to_apic_fast(kvm: Kvm, src: KvmLapic | None, irq: KvmLapicI
             bitmap >>= 1
             i += 1
     return ok, r
+
+
+def kvm_intr_is_single_vcpu_fast(kvm: Kvm, irq: KvmLapicIrq) -> KvmVcpu | None:
+    """arch/x86/kvm/lapic.c: kvm_intr_is_single_vcpu_fast → the one vCPU, or None  [RCU]
+
+    Through the APIC map: no shorthand, resolvable, exactly one destination bit with an
+    APIC behind it (lowest priority has picked its one destination already).
+    """
+    if irq.shorthand:
+        return None
+    ok, dst, offset, bitmap = kvm_apic_map_get_dest_lapic(kvm, None, irq, kvm.arch.apic_map)
+    if not ok or bitmap.bit_count() != 1:
+        return None
+    apic = dst[offset + bitmap.bit_length() - 1]
+    return None if apic is None else apic.vcpu
+
+
+def kvm_bitmap_or_dest_vcpus(kvm: Kvm, irq: KvmLapicIrq, vcpu_bitmap: int) -> int:
+    """arch/x86/kvm/lapic.c: kvm_bitmap_or_dest_vcpus — add (by vCPU index) the vCPUs
+    ``irq``'s destination names: from the APIC map when it resolves the destination, else
+    by matching every present APIC (the IOAPIC's rescan targets).
+    Differs from the kernel: returns the updated bitmap instead of setting bits in place.
+    """
+    ok, dst, offset, bitmap = kvm_apic_map_get_dest_lapic(kvm, None, irq, kvm.arch.apic_map)
+    if ok:
+        for i in range(16):
+            if bitmap >> i & 1:
+                dest = dst[offset + i]
+                if dest is not None:
+                    vcpu_bitmap |= 1 << dest.vcpu.vcpu_idx
+        return vcpu_bitmap
+    for i, vcpu in enumerate(kvm.vcpus):
+        if not kvm_apic_present(vcpu):
+            continue
+        if kvm_apic_match_dest(vcpu, None, irq.shorthand, irq.dest_id, irq.dest_mode):
+            vcpu_bitmap |= 1 << i
+    return vcpu_bitmap
 
 
 def kvm_apic_mda(vcpu: KvmVcpu, dest_id: int, source: KvmLapic | None,

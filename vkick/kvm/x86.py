@@ -26,7 +26,9 @@ Bug toggles (kvm.toggles): ``no-barrier-after-guest-mode`` (spec §16.1a),
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
+from typing import Final
 
 from vkick.hw.apicv import (
     EXIT_APIC_WRITE,
@@ -99,6 +101,7 @@ from vkick.kvm.kvm_main import (
     vcpu_load,
     vcpu_put,
 )
+from vkick.kvm.kvm_main_io import kvm_io_bus_write
 from vkick.kvm.lapic import (
     __apic_accept_irq,
     apic_find_highest_isr,
@@ -120,6 +123,7 @@ from vkick.kvm.lapic import (
 from vkick.kvm.lapic_map import kvm_recalculate_apic_map
 from vkick.kvm.vmx.posted_intr import pi_update_irte, vmx_pi_start_assignment
 from vkick.kvm.vmx.vmx import (
+    pir_sync_allowed,
     vmx_cancel_injection,
     vmx_check_apicv_inhibit_reasons,
     vmx_create_vcpu,
@@ -213,7 +217,7 @@ def inject_pending_event(vcpu: KvmVcpu) -> bool:
         arch.nmi_pending += arch.nmi_queued  # process_nmi (NMIs recorded, not delivered)
         arch.nmi_queued = 0
     if kvm_cpu_has_injectable_intr(vcpu):
-        r = vmx_interrupt_allowed(vcpu, True) if can_inject else -16
+        r = vmx_interrupt_allowed(vcpu, True) if can_inject else -errno.EBUSY
         if r < 0:
             return True
         if r:
@@ -319,7 +323,7 @@ def vcpu_scan_ioapic(vcpu: KvmVcpu) -> None:
     if irqchip_split(kvm):
         handled = kvm_scan_ioapic_routes(vcpu, handled)
     else:
-        if _pir_sync_allowed(vcpu):
+        if pir_sync_allowed(vcpu):
             vmx_sync_pir_to_irr(vcpu)
         if ioapic_in_kernel(kvm):
             handled = kvm_ioapic_scan_entry(vcpu, handled)
@@ -328,16 +332,6 @@ def vcpu_scan_ioapic(vcpu: KvmVcpu) -> None:
     if bus.on:
         bus.emit("vcpu_scan_ioapic", vm=kvm.name, vcpu=vcpu.vcpu_id, vectors=_vectors(handled))
     kvm_make_request(KVM_REQ_LOAD_EOI_EXITMAP, vcpu)  # not in guest (nested) mode
-
-
-def _pir_sync_allowed(vcpu: KvmVcpu) -> bool:
-    """Whether a PIR → IRR sync runs: v5.13 only while APICv is active for the vCPU; with
-    ``fix-no-pir-sync-when-apicv-inhibited`` (bug #7, 37c4dbf337c5) whenever
-    kvm_x86_ops.sync_pir_to_irr exists (static_call_cond: enable_apicv), because assigned
-    devices keep posting to a vCPU whose APICv is inhibited."""
-    if "fix-no-pir-sync-when-apicv-inhibited" in vcpu.kvm.toggles:
-        return vcpu.kvm.enable_apicv
-    return vcpu.arch.apicv_active
 
 
 def _vectors(bitmap: int) -> list[int]:
@@ -398,9 +392,9 @@ def kvm_arch_vm_ioctl_create_irqchip(kvm: Kvm) -> int:
     from vkick.kvm.irq_comm import kvm_setup_default_irq_routing  # noqa: PLC0415
 
     if kvm.arch.irqchip_mode == KVM_IRQCHIP_KERNEL:
-        return -17  # -EEXIST
+        return -errno.EEXIST
     if kvm.vcpus:
-        return -22  # -EINVAL
+        return -errno.EINVAL
     r = kvm_ioapic_init(kvm)
     if r:
         return r
@@ -431,6 +425,12 @@ def kvm_vm_ioctl_irq_line(kvm: Kvm, irq: int, level: int, line_status: bool = Fa
         rt.cur_irq = saved
 
 
+# The size of a guest "mmio" write: vkick's exits carry none, and the guest model's
+# device writes are 32-bit stores (the IOAPIC window; the virtio doorbells' ioeventfds
+# have length 0 and match any size).
+MMIO_WRITE_LEN: Final = 4
+
+
 async def vmx_handle_exit(vcpu: KvmVcpu, ex: Exit) -> int:
     """arch/x86/kvm/vmx/vmx.c: vmx_handle_exit — dispatch on the exit reason."""
     reason, qual, val = ex
@@ -458,9 +458,9 @@ async def vmx_handle_exit(vcpu: KvmVcpu, ex: Exit) -> int:
             await kvm_x2apic_msr_write(vcpu, qual, val)
         return 1
     if reason == EXIT_IO_INSTRUCTION:
-        io_bus = vcpu.kvm.io_bus
-        if io_bus is not None:
-            io_bus(vcpu, qual, val)
+        # vcpu_mmio_write → kvm_io_bus_write(KVM_MMIO_BUS); a write no device takes would
+        # exit to userspace (not modelled: it is dropped).
+        kvm_io_bus_write(vcpu, qual, MMIO_WRITE_LEN, val)
         return 1
     if reason == EXIT_EXTERNAL_INTERRUPT:
         vcpu.stat.irq_exits += 1
@@ -502,7 +502,7 @@ async def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
         if kvm_check_request(KVM_REQ_APICV_UPDATE, vcpu):
             await kvm_vcpu_update_apicv(vcpu)
     if kvm_check_request(KVM_REQ_EVENT, vcpu):
-        kvm_apic_accept_events(vcpu)
+        await kvm_apic_accept_events(vcpu)
         if arch.mp_state == MpState.KVM_MP_STATE_INIT_RECEIVED:
             return 1
         req_immediate_exit = inject_pending_event(vcpu)
@@ -528,7 +528,7 @@ async def vcpu_enter_guest(vcpu: KvmVcpu) -> int:
     # "This handles the case where a posted interrupt was notified with kvm_vcpu_kick":
     # v5.13 only with APICv active — PIR posted to a vCPU whose APICv is inhibited stays
     # there until APICv is re-activated (bug #7); the fix syncs whenever the LAPIC is on.
-    if kvm_lapic_enabled(vcpu) and _pir_sync_allowed(vcpu):
+    if kvm_lapic_enabled(vcpu) and pir_sync_allowed(vcpu):
         if "no-barrier-after-guest-mode" in toggles and not stale_on:
             # Bug toggle §16.1a: without the barrier the ON load may be satisfied before
             # the mode store is visible — it returns ON as of before the entry.
@@ -586,7 +586,7 @@ async def vcpu_block(kvm: Kvm, vcpu: KvmVcpu) -> int:
         await vmx_post_block(vcpu)
         if not kvm_check_request(KVM_REQ_UNHALT, vcpu):
             return 1
-    kvm_apic_accept_events(vcpu)
+    await kvm_apic_accept_events(vcpu)
     if vcpu.arch.mp_state == MpState.KVM_MP_STATE_HALTED:
         vcpu.arch.pv_unhalted = False
         vcpu.arch.mp_state = MpState.KVM_MP_STATE_RUNNABLE
@@ -658,9 +658,9 @@ async def kvm_vcpu_reset(vcpu: KvmVcpu, init_event: bool) -> None:
     """arch/x86/kvm/x86.c: kvm_vcpu_reset (the interrupt state)  [vCPU thread or ioctl]
 
     LAPIC reset (which recalculates the APIC map), NMIs and the event queue cleared,
-    KVM_REQ_EVENT.
-    Differs from the kernel: the INIT path of kvm_apic_accept_events keeps its own inline
-    reset; registers, debug state, MMU and FPU are not modelled.
+    KVM_REQ_EVENT.  ``init_event``: an INIT (kvm_apic_accept_events), which keeps the
+    LAPIC base MSR and APIC ID; else the RESET of vCPU creation.
+    Differs from the kernel: registers, debug state, MMU, FPU and PMU are not modelled.
     """
     await kvm_lapic_reset(vcpu, init_event)
     arch = vcpu.arch
@@ -704,7 +704,7 @@ def kvm_arch_vcpu_ioctl_set_mpstate(vcpu: KvmVcpu, mp_state: MpState) -> int:
     apic = vcpu.arch.apic
     if mp_state == MpState.KVM_MP_STATE_SIPI_RECEIVED:
         if apic is None:
-            return -22  # -EINVAL
+            return -errno.EINVAL
         vcpu.arch.mp_state = MpState.KVM_MP_STATE_INIT_RECEIVED
         apic.pending_events |= 1 << KVM_APIC_SIPI
     else:
@@ -932,14 +932,14 @@ async def kvm_vcpu_ioctl_enable_cap(vcpu: KvmVcpu, cap: KvmEnableCap) -> int:
     from vkick.kvm.irq import irqchip_in_kernel  # noqa: PLC0415
 
     if cap.flags:
-        return -22
+        return -errno.EINVAL
     if cap.cap == KVM_CAP_HYPERV_SYNIC2 and cap.args[0]:
-        return -22
+        return -errno.EINVAL
     if cap.cap in (KVM_CAP_HYPERV_SYNIC, KVM_CAP_HYPERV_SYNIC2):
         if not irqchip_in_kernel(vcpu.kvm):
-            return -22
+            return -errno.EINVAL
         return await kvm_hv_activate_synic(vcpu, cap.cap == KVM_CAP_HYPERV_SYNIC2)
-    return -22
+    return -errno.EINVAL
 
 
 async def kvm_arch_vcpu_ioctl(vcpu: KvmVcpu, ioctl: int, arg: KvmEnableCap) -> int:
@@ -952,7 +952,7 @@ async def kvm_arch_vcpu_ioctl(vcpu: KvmVcpu, ioctl: int, arg: KvmEnableCap) -> i
     argument already copied in; any other ioctl is -EINVAL.
     """
     if ioctl != KVM_ENABLE_CAP:
-        return -22
+        return -errno.EINVAL
     await vcpu_load(vcpu)
     try:
         return await kvm_vcpu_ioctl_enable_cap(vcpu, arg)

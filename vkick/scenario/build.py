@@ -210,7 +210,7 @@ async def _build_queue_pair(rt: Runtime, vm: Vm, dev: NetDevice, net_index: int,
     doorbells = []
     for i in range(2):
         addr = DOORBELL_BASE + (net_index << 12) + (2 * q + i) * 4
-        kvm_io_bus_register_dev(kvm, KvmIoeventfd(addr, kicks[i]))
+        kvm_io_bus_register_dev(kvm, addr, 0, KvmIoeventfd(addr, kicks[i]))
         doorbells.append(addr)
     # vhost-net: one device (and worker) per queue pair.
     vdev = VhostDev(rt, f"{prefix}.{q}", toggles=kvm.toggles)

@@ -23,8 +23,6 @@ from vkick.kvm.ioapic import (
     IOAPIC_LOWEST_PRIORITY,
     IOAPIC_REG_SELECT,
     IOAPIC_REG_WINDOW,
-    KvmIoapic,
-    ioapic_mmio_write,
     kvm_get_ioapic,
 )
 from vkick.kvm.irq_comm import kvm_send_userspace_msi
@@ -102,9 +100,6 @@ async def build_vm(rt: Runtime, *, nr_vcpus: int, apicv: bool, x2apic: bool,
     if irqchip == "kernel":
         r = kvm_arch_vm_ioctl_create_irqchip(kvm)
         assert r == 0, r
-        ioapic: KvmIoapic = kvm.arch.vioapic
-        kvm.io_bus = (lambda vcpu, addr, val:
-                      ioapic_mmio_write(vcpu, ioapic, addr, 4, val))
     await create_booted_vcpus(kvm, cpus, x2apic=x2apic, eoi_auto=eoi_auto,
                               handler_ns=handler_ns)
     return kvm

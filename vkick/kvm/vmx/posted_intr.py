@@ -28,8 +28,9 @@ and the 5.4-rc8 fix "KVM: VMX: Do not change PID.NDST when loading a blocked vCP
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
+import vkick.kvm
 from vkick.hw.cpu import (
     POSTED_INTR_WAKEUP_VECTOR,
     current_pcpu,
@@ -37,6 +38,7 @@ from vkick.hw.cpu import (
     local_irq_enable,
 )
 from vkick.hw.iommu import IRQ_POSTING_CAP, VcpuData, irq_remapping_cap, irq_set_vcpu_affinity
+from vkick.kvm.irq import irqchip_in_kernel
 from vkick.kvm.kvm_host import (
     KVM_IRQ_ROUTING_MSI,
     KVM_REQ_UNBLOCK,
@@ -46,6 +48,12 @@ from vkick.kvm.kvm_host import (
     KvmVcpu,
     PiDesc,
 )
+
+if TYPE_CHECKING:
+    import vkick.kvm.x86
+
+# x86.py imports this module: kvm_arch_has_assigned_device (read on every block and
+# sched-out, _has_vtd_posting) is looked up on the package at call time, not imported.
 
 
 def pi_test_and_set_pir(vector: int, pi_desc: PiDesc) -> bool:
@@ -157,13 +165,16 @@ def vmx_can_use_vtd_pi(kvm: Kvm) -> bool:
     in-kernel irqchip and enable_apicv — a condition that does not change while the VM
     runs, unlike a vCPU's APICv state.
     """
-    from vkick.kvm.irq import irqchip_in_kernel  # noqa: PLC0415
-    from vkick.kvm.x86 import kvm_arch_has_assigned_device  # noqa: PLC0415
+    return _vtd_posting_capable(kvm) and irqchip_in_kernel(kvm) and kvm.enable_apicv
 
+
+def _vtd_posting_capable(kvm: Kvm) -> bool:
+    """kvm_arch_has_assigned_device ∧ irq_remapping_cap(IRQ_POSTING_CAP): the part of the
+    VT-d posting condition that vmx_can_use_vtd_pi and v5.13's _has_vtd_posting and
+    pi_update_irte share (each adds its own APICv term)."""
     host = kvm.host
-    return (kvm_arch_has_assigned_device(kvm) and host is not None
-            and irq_remapping_cap(host, IRQ_POSTING_CAP) and irqchip_in_kernel(kvm)
-            and kvm.enable_apicv)
+    return (vkick.kvm.x86.kvm_arch_has_assigned_device(kvm) and host is not None
+            and irq_remapping_cap(host, IRQ_POSTING_CAP))
 
 
 def _has_vtd_posting(vcpu: KvmVcpu) -> bool:
@@ -174,14 +185,10 @@ def _has_vtd_posting(vcpu: KvmVcpu) -> bool:
     POSTED_INTR_VECTOR, which the host ignores, and the vCPU sleeps on.
     ``fix-vtd-pi-stable-condition`` uses vmx_can_use_vtd_pi instead (53b7ca1a3593,
     5.16-rc3)."""
-    from vkick.kvm.x86 import kvm_arch_has_assigned_device  # noqa: PLC0415
-
     kvm = vcpu.kvm
     if "fix-vtd-pi-stable-condition" in kvm.toggles:
         return vmx_can_use_vtd_pi(kvm)
-    host = kvm.host
-    return (kvm_arch_has_assigned_device(kvm) and host is not None
-            and irq_remapping_cap(host, IRQ_POSTING_CAP) and vcpu.arch.apicv_active)
+    return _vtd_posting_capable(kvm) and vcpu.arch.apicv_active
 
 
 def _warn(vcpu: KvmVcpu, what: str) -> None:
@@ -392,16 +399,14 @@ def pi_update_irte(kvm: Kvm, host_irq: int, guest_irq: int, set_: bool) -> int:
         kvm_set_msi_irq,
     )
     from vkick.kvm.irqchip import kvm_irq_map_gsi  # noqa: PLC0415
-    from vkick.kvm.x86 import kvm_arch_has_assigned_device  # noqa: PLC0415
 
-    host = kvm.host
     if "fix-vtd-pi-stable-condition" in kvm.toggles:
         if not vmx_can_use_vtd_pi(kvm):
             return 0
-    elif (host is None or not kvm_arch_has_assigned_device(kvm)
-            or not irq_remapping_cap(host, IRQ_POSTING_CAP)
+    elif (not _vtd_posting_capable(kvm)
             or not kvm.vcpus or not kvm.vcpus[0].arch.apicv_active):
         return 0  # v5.13: vCPU 0's APICv state stands for the VM's
+    host = kvm.host
     assert host is not None
     idx = srcu_read_lock(kvm.irq_srcu)
     ret = 0

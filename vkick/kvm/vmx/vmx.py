@@ -6,13 +6,17 @@ vmx_sync_pir_to_irr, vmx_set_rvi, vmx_hwapic_isr_update, vmx_interrupt_allowed, 
 vmx_enable_irq_window, vmx_cancel_injection, vmx_vcpu_load, vmx_vcpu_put, vmx_pre_block,
 vmx_post_block, hardware_setup (the posted-interrupt wakeup handler), and the APICv
 controls: vmx_check_apicv_inhibit_reasons, vmx_create_vcpu (its APICv part),
-vmx_refresh_apicv_exec_ctrl.  Bug toggles (kvm.toggles, research/bugs.md):
-``fix-running-vcpu-shortcut`` (bug #2's 5.16 fix), ``clear-on-after-harvest`` (spec
-§16.4), ``fix-no-pir-sync-when-apicv-inhibited`` (bug #7, vmx_sync_pir_to_irr's part).
+vmx_refresh_apicv_exec_ctrl, vmx_apicv_post_state_restore.  Bug toggles (kvm.toggles,
+research/bugs.md): ``fix-running-vcpu-shortcut`` (bug #2's 5.16 fix),
+``clear-on-after-harvest`` (spec §16.4), ``fix-no-pir-sync-when-apicv-inhibited`` (bug #7,
+vmx_sync_pir_to_irr's part).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import vkick.kvm
 from vkick.hw.cpu import HwHost, kvm_set_posted_intr_wakeup_handler, send_ipi
 from vkick.kvm.kvm_host import (
     APICV_INHIBIT_REASON_DISABLE,
@@ -25,6 +29,7 @@ from vkick.kvm.kvm_host import (
 )
 from vkick.kvm.kvm_main import kvm_get_running_vcpu, kvm_make_request, kvm_vcpu_kick
 from vkick.kvm.vmx.posted_intr import (
+    pi_clear_on,
     pi_post_block,
     pi_pre_block,
     pi_test_and_clear_on,
@@ -34,6 +39,12 @@ from vkick.kvm.vmx.posted_intr import (
     vmx_vcpu_pi_load,
     vmx_vcpu_pi_put,
 )
+
+if TYPE_CHECKING:
+    import vkick.kvm.lapic
+
+# lapic.py imports this module: the PIR harvest (every entry, every runnability check)
+# reads kvm_apic_update_irr / kvm_lapic_find_highest_irr on the package at call time.
 
 
 def hardware_setup(host: HwHost) -> None:
@@ -71,8 +82,7 @@ def vmx_create_vcpu(vcpu: KvmVcpu) -> None:
     Differs from the kernel: only these controls; the VMCS, MSR bitmap and the PI
     descriptor's NV/SN (set in kvm_vm_ioctl_create_vcpu) are not modelled here.
     """
-    vcpu.arch.pin_posted_intr = vcpu.arch.apicv_active
-    vcpu.arch.virtual_intr_delivery = vcpu.arch.apicv_active
+    vmx_refresh_apicv_exec_ctrl(vcpu)  # the same controls, from the same state
 
 
 def vmx_refresh_apicv_exec_ctrl(vcpu: KvmVcpu) -> None:
@@ -181,6 +191,19 @@ def vmx_deliver_posted_interrupt(vcpu: KvmVcpu, vector: int) -> int:
     return 0
 
 
+def vmx_apicv_post_state_restore(vcpu: KvmVcpu) -> None:
+    """arch/x86/kvm/vmx/vmx.c: vmx_apicv_post_state_restore  [vCPU ioctl / reset]
+
+    After KVM_SET_LAPIC or a LAPIC reset with APICv active the PI descriptor starts empty:
+    ON cleared, every PIR word zeroed (what was posted before is superseded by the restored
+    or reset IRR).  vkick also drops the PIR vectors' source ids (``pir_ids``).
+    """
+    pi = vcpu.pi_desc
+    pi_clear_on(pi)
+    pi.pir = 0  # memset(pi_desc.pir, 0)
+    vcpu.arch.pir_ids.clear()
+
+
 def vmx_set_rvi(vcpu: KvmVcpu, vector: int) -> None:
     """arch/x86/kvm/vmx/vmx.c: vmx_set_rvi — low byte of GUEST_INTR_STATUS."""
     vcpu.arch.rvi = vector if vector > 0 else 0
@@ -193,6 +216,18 @@ def vmx_hwapic_isr_update(vcpu: KvmVcpu, max_isr: int) -> None:
     hardware's EOI virtualization retires next (spec §12.5, §13.4).
     """
     vcpu.arch.svi = max_isr if max_isr > 0 else 0
+
+
+def pir_sync_allowed(vcpu: KvmVcpu) -> bool:
+    """Whether a PIR → IRR sync runs (the guard around static_call(sync_pir_to_irr) in
+    vcpu_enter_guest, vcpu_scan_ioapic and apic_has_interrupt_for_ppr): v5.13 only while
+    APICv is active for the vCPU; with ``fix-no-pir-sync-when-apicv-inhibited`` (bug #7,
+    37c4dbf337c5) whenever kvm_x86_ops.sync_pir_to_irr exists (static_call_cond:
+    enable_apicv), because assigned devices keep posting to a vCPU whose APICv is
+    inhibited."""
+    if "fix-no-pir-sync-when-apicv-inhibited" in vcpu.kvm.toggles:
+        return vcpu.kvm.enable_apicv
+    return vcpu.arch.apicv_active
 
 
 def _sync_pir_tail(vcpu: KvmVcpu, max_irr: int, max_irr_updated: bool) -> None:
@@ -230,26 +265,24 @@ def vmx_sync_pir_to_irr(vcpu: KvmVcpu) -> int:
     7e1901f6c86c) lets it run with APICv inhibited: then RVI is left alone and a newly
     harvested vector raises KVM_REQ_EVENT instead.
     """
-    from vkick.kvm.lapic import kvm_apic_update_irr, kvm_lapic_find_highest_irr  # noqa: PLC0415
-
     _warn_inactive(vcpu)
     pi = vcpu.pi_desc
     updated = False
     if "clear-on-after-harvest" in vcpu.kvm.toggles:
         if pi.on:
             box = [pi.pir]
-            updated, max_irr = kvm_apic_update_irr(vcpu, box)
+            updated, max_irr = vkick.kvm.lapic.kvm_apic_update_irr(vcpu, box)
             pi.pir = box[0]
             pi_test_and_clear_on(pi)
         else:
-            max_irr = kvm_lapic_find_highest_irr(vcpu)
+            max_irr = vkick.kvm.lapic.kvm_lapic_find_highest_irr(vcpu)
     elif pi.on:
         pi_test_and_clear_on(pi)
         box = [pi.pir]
-        updated, max_irr = kvm_apic_update_irr(vcpu, box)
+        updated, max_irr = vkick.kvm.lapic.kvm_apic_update_irr(vcpu, box)
         pi.pir = box[0]
     else:
-        max_irr = kvm_lapic_find_highest_irr(vcpu)
+        max_irr = vkick.kvm.lapic.kvm_lapic_find_highest_irr(vcpu)
     _sync_pir_tail(vcpu, max_irr, updated)
     return max_irr
 
@@ -263,21 +296,19 @@ async def vmx_sync_pir_to_irr_entry(vcpu: KvmVcpu) -> int:
     between the harvest and the clear: a vector posted there finds ON set (no
     notification), then ON is cleared — stuck in PIR with ON = 0 (spec §16.4).
     """
-    from vkick.kvm.lapic import kvm_apic_update_irr, kvm_lapic_find_highest_irr  # noqa: PLC0415
-
     _warn_inactive(vcpu)
     pi = vcpu.pi_desc
     rt = vcpu.kvm.rt
     updated = False
     if not pi.on:
-        max_irr = kvm_lapic_find_highest_irr(vcpu)
+        max_irr = vkick.kvm.lapic.kvm_lapic_find_highest_irr(vcpu)
     elif "clear-on-after-harvest" in vcpu.kvm.toggles:
         box = [pi.pir]
-        updated, _ = kvm_apic_update_irr(vcpu, box)
+        updated, _ = vkick.kvm.lapic.kvm_apic_update_irr(vcpu, box)
         pi.pir = 0  # the words were exchanged with 0
         await rt.preempt("W-PIR-harvest")
         pi_test_and_clear_on(pi)
-        max_irr = kvm_lapic_find_highest_irr(vcpu)
+        max_irr = vkick.kvm.lapic.kvm_lapic_find_highest_irr(vcpu)
     else:
         pi_test_and_clear_on(pi)
         # W-PIR-harvest: ON cleared ↔ PIR words taken.  A vector posted here is either
@@ -285,7 +316,7 @@ async def vmx_sync_pir_to_irr_entry(vcpu: KvmVcpu) -> int:
         # test-and-set of ON in vmx_deliver_posted_interrupt).
         await rt.preempt("W-PIR-harvest")
         box = [pi.pir]
-        updated, max_irr = kvm_apic_update_irr(vcpu, box)
+        updated, max_irr = vkick.kvm.lapic.kvm_apic_update_irr(vcpu, box)
         pi.pir = 0
     _sync_pir_tail(vcpu, max_irr, updated)
     return max_irr
