@@ -87,8 +87,9 @@ async def build_vm(rt: Runtime, *, nr_vcpus: int, apicv: bool, x2apic: bool,
     The VMM side, as QEMU restores a booted guest: KVM_CREATE_VCPU for each vCPU, then per
     vCPU the APIC base (x2APIC mode: KVM_SET_SREGS), the LAPIC of FORMAT.md "Initial state"
     (KVM_SET_LAPIC: SVR 0x1FF, ID = index, DFR flat, LDR 0) and KVM_SET_MP_STATE RUNNABLE.
-    ``irqchip = "kernel"``: KVM_CREATE_IRQCHIP before the vCPUs, and the IOAPIC's MMIO
-    window on the VM's bus (the guest's ``mmio`` writes there reach ioapic_mmio_write).
+    ``irqchip = "kernel"``: KVM_CREATE_IRQCHIP before the vCPUs (kvm_ioapic_init puts the
+    IOAPIC's MMIO window on the VM's I/O bus: the guest's ``mmio`` writes there reach
+    ioapic_mmio_write).
     """
     if cpus is None:
         cpus = range(first_cpu, first_cpu + nr_vcpus)
