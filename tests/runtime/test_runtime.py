@@ -330,6 +330,11 @@ import asyncio, gc, os, signal, sys
 from vkick.kernel.sched import TASK_INTERRUPTIBLE, TaskStruct, schedule, set_current_state
 from vkick.runtime import DeadlockError, EmulationError, Runtime
 
+# Python installs its KeyboardInterrupt handler only when SIGINT is not ignored at start-up,
+# and a shell's background job (a CI runner's, say) ignores it: install it either way.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def scenario(mode):
     rt = Runtime(seed=1)
 
