@@ -35,15 +35,16 @@ def run_once(path: Path, detach: bool) -> tuple[dict[str, Any], int]:
     oracle, lifecycle tracker), so no emit site builds a record and the summary is empty."""
 
     async def main() -> tuple[dict[str, Any], int]:
-        host = Host.from_config(path)
-        if detach:
-            bus = host.rt.bus
-            for sink in (host.stats, host.checker, host._life):
-                bus.subscribe(sink)()  # the returned function drops every copy of ``sink``
-            assert not bus.on
-        async with host:
+        async with Host.from_config(path) as host:  # the sinks subscribe on entering
+            if detach:
+                bus = host.rt.bus
+                sinks: tuple[Any, ...] = (host.stats, host.checker, host._life)
+                for sink in sinks:
+                    bus.subscribe(sink)()  # the returned function drops every copy of it
+                assert not bus.on
             result = await host.run()
-            return result.summary, host.rt.loop.callbacks_run
+            loop: Any = host.rt.loop  # a VirtualEventLoop
+            return result.summary, loop.callbacks_run
 
     return anyio.run(main)
 
