@@ -74,19 +74,26 @@ def test_vcpu_enter_guest_leaves_pir_unharvested_while_apicv_is_inhibited() -> N
     assert _found(_bug7_vtd, ())  # plain v5.13 too
 
 
-def _bug7_sw(seed: int, toggles: frozenset[str]) -> VtdRun:
-    # Remapped mode: every MSI reaches KVM through VFIO's eventfd and the irqfd, whose
-    # vmx_deliver_posted_interrupt posts while vCPU 0's APICv is still active — the VMM
-    # inhibits APICv at 20 µs, around the MSIs.
+def _inhibit_at_20us(seed: int, toggles: frozenset[str], msi_from: int, msi_to: int,
+                     policy: PreemptPolicy) -> VtdRun:
+    """Remapped mode (every MSI reaches KVM through VFIO's eventfd and the irqfd), vCPU 0
+    busy in the guest, the VMM inhibiting APICv at 20 µs; three MSIs at seeded times in
+    [msi_from, msi_to] ns."""
     async def setup(rt: Any, kvm: Any) -> None:
         kvm.vcpus[0].guest.idle_halt = False
         rt.spawn("apicv", apicv_driver, kvm, [(rt.now_ns() + 20_000, False)])
 
     rng = random.Random(seed)
     return run_assigned_device(
-        seed=seed, msi_times=sorted(rng.randint(19_950, 20_250) for _ in range(3)),
+        seed=seed, msi_times=sorted(rng.randint(msi_from, msi_to) for _ in range(3)),
         vcpu_cpus=[0], nr_pcpus=2, irq_cpu=1, posting=False, toggles=toggles, setup=setup,
-        stall_ns=100_000, policy=_POLICY)
+        stall_ns=100_000, policy=policy)
+
+
+def _bug7_sw(seed: int, toggles: frozenset[str]) -> VtdRun:
+    # The irqfd's vmx_deliver_posted_interrupt posts while vCPU 0's APICv is still
+    # active: MSIs around the inhibit.
+    return _inhibit_at_20us(seed, toggles, 19_950, 20_250, _POLICY)
 
 
 def test_vcpu_enter_guest_strands_a_software_post_made_just_before_the_inhibit() -> None:
@@ -104,19 +111,10 @@ _WINDOW_POLICY = PreemptPolicy.random(p=0.2, max_turns=3, max_delay_ns=500, site
 
 
 def _bug8a(seed: int, toggles: frozenset[str]) -> VtdRun:
-    # Remapped mode, vCPU 0 busy in the guest; the VMM inhibits APICv at 20 µs and vCPU 0,
-    # IPI'd out with nothing pending, scans an empty IRR; W-APICV-update (always taken,
-    # up to 4 µs) lets the MSIs land between the scan and the irr_pending store; none
-    # comes after the window to set irr_pending again.
-    async def setup(rt: Any, kvm: Any) -> None:
-        kvm.vcpus[0].guest.idle_halt = False
-        rt.spawn("apicv", apicv_driver, kvm, [(rt.now_ns() + 20_000, False)])
-
-    rng = random.Random(seed)
-    return run_assigned_device(
-        seed=seed, msi_times=sorted(rng.randint(20_000, 23_000) for _ in range(3)),
-        vcpu_cpus=[0], nr_pcpus=2, irq_cpu=1, posting=False, toggles=toggles, setup=setup,
-        stall_ns=100_000, policy=_WINDOW_POLICY)
+    # vCPU 0, IPI'd out with nothing pending, scans an empty IRR; W-APICV-update (always
+    # taken, up to 4 µs) lets the MSIs land between the scan and the irr_pending store;
+    # none comes after the window to set irr_pending again.
+    return _inhibit_at_20us(seed, toggles, 20_000, 23_000, _WINDOW_POLICY)
 
 
 def test_kvm_apic_update_apicv_hides_a_vector_set_in_the_w_apicv_update_window() -> None:
