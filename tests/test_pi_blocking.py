@@ -224,7 +224,7 @@ def test_pi_pre_block_cmpxchg_retries_when_a_post_lands_in_w_pi_cas(torn: bool) 
                 pir_ids=vcpu.arch.pir_ids, owner=("vm0", 0))
 
     async def main() -> int:
-        rt.loop.call_at((rt.now_ns() + 1) / 1e9, vtd_post_interrupt, kvm.host.iommu, irte, 7)
+        rt.call_at_ns(rt.now_ns() + 1, vtd_post_interrupt, kvm.host.iommu, irte, 7)
         return await pi_pre_block(vcpu)
 
     r = rt.run(main)

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from vkick.guest.cpu import GuestCpu
-from vkick.runtime.clock import NS_PER_S
 
 HZ: Final = 1000  # the guest kernel's CONFIG_HZ
 NS_PER_JIFFY: Final = 1_000_000_000 // HZ
@@ -28,7 +27,7 @@ def guest_timer(cpu: GuestCpu, jiffies: int, fn: Callable[[Any], None]) -> None:
     timer_setup + add_timer_on do in kernel/time/timer.c, in one call; at expiry ``fn`` runs
     on that CPU as guest code (see the module note)."""
     rt = cpu.rt
-    rt.loop.call_at((rt.now_ns() + jiffies * NS_PER_JIFFY) / NS_PER_S, cpu.push, "call", fn)
+    rt.call_at_ns(rt.now_ns() + jiffies * NS_PER_JIFFY, cpu.push, "call", fn)
 
 
 def msleep(cpu: GuestCpu, msecs: int, then: Callable[[Any], None]) -> None:

@@ -161,7 +161,7 @@ async def _guest_wait(vcpu: Any, pcpu: PhysicalCpu, until_ns: int | None) -> Non
     pcpu.wake_fut = fut
     if until_ns is not None and pcpu.work_deadline != until_ns:
         pcpu.work_deadline = until_ns
-        loop.call_at(until_ns / 1e9, _work_deadline, pcpu, until_ns)
+        rt.call_at_ns(until_ns, _work_deadline, pcpu, until_ns)
     try:
         await fut
     finally:

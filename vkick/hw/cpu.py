@@ -162,7 +162,7 @@ def interrupt_message(host: HwHost, cpu: int, vector: int, irq: int = 0) -> None
         ipi_arrive(pcpu, vector, irq)
     else:
         rt = host.rt
-        rt.loop.call_at((rt.now_ns() + lat) / 1e9, ipi_arrive, pcpu, vector, irq)
+        rt.call_at_ns(rt.now_ns() + lat, ipi_arrive, pcpu, vector, irq)
 
 
 def ipi_arrive(pcpu: PhysicalCpu, vector: int, irq: int = 0) -> None:

@@ -438,8 +438,7 @@ def queue_delayed_work_on(cpu: int, wq: Workqueue, dwork: DelayedWork, delay_ns:
         __queue_work(cpu, wq, work)
         return True
     rt = work.rt
-    dwork.timer = rt.loop.call_at((rt.now_ns() + delay_ns) / 1e9, delayed_work_timer_fn,
-                                  dwork)
+    dwork.timer = rt.call_at_ns(rt.now_ns() + delay_ns, delayed_work_timer_fn, dwork)
     return True
 
 

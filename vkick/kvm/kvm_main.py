@@ -483,7 +483,7 @@ async def kvm_vcpu_block(vcpu: KvmVcpu) -> None:
                 break
             fut: asyncio.Future[None] = rt.loop.create_future()
             vcpu.poll_fut = fut
-            handle = rt.loop.call_at(stop / 1e9, _resolve, fut)
+            handle = rt.call_at_ns(stop, _resolve, fut)
             try:
                 await fut
             finally:

@@ -54,11 +54,6 @@ def _new_real_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-def _set_done(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
 class Runtime:
     """One run's loop, clock, RNG streams, preemption policy, event bus and task group.
 
@@ -74,6 +69,7 @@ class Runtime:
         self.rng = RngStreams(seed)
         self.realtime = realtime
         self.clock: Clock
+        self._vloop: VirtualEventLoop  # virtual time only
         if realtime:
             self.loop: asyncio.AbstractEventLoop = _new_real_loop()
             wall = ScaledWallClock(scale)
@@ -83,6 +79,7 @@ class Runtime:
             vloop = VirtualEventLoop()
             vloop.deadlock_handler = self._on_deadlock
             self.loop = vloop
+            self._vloop = vloop
             self.clock = vloop.clock
             self._wall_scale = 1.0
         self.now_ns: Callable[[], int] = self.clock.now_ns
@@ -135,10 +132,17 @@ class Runtime:
         """Let ``ns`` emulated nanoseconds pass for the calling task."""
         if self.realtime:
             return asyncio.sleep(ns * self._wall_scale / NS_PER_S)
-        loop = self.loop
-        fut: asyncio.Future[None] = loop.create_future()
-        loop.call_at((self.clock.now_ns() + max(ns, 0)) / NS_PER_S, _set_done, fut)
-        return fut
+        return self._vloop.sleep_until_ns(self._vloop.clock.ns + max(ns, 0))
+
+    def call_at_ns(self, when_ns: int, callback: Callable[..., Any],
+                   *args: Any) -> asyncio.TimerHandle:
+        """Call ``callback(*args)`` at emulated time ``when_ns`` (a timer: an IPI's
+        arrival, a work deadline); cancellable through the returned handle."""
+        if self.realtime:
+            delay_ns = max(0, when_ns - self.clock.now_ns())
+            return self.loop.call_later(delay_ns * self._wall_scale / NS_PER_S, callback,
+                                        *args)
+        return self._vloop.call_at_ns(when_ns, callback, *args)
 
     # ---------------------------------------------------------------- supervision
 

@@ -125,8 +125,7 @@ class RrFlow:
         answer = SkBuff(self.w.response_size, rt.now_ns(), skb.tag)
         tap = self.qp.tap
         if self.w.think_ns:
-            rt.loop.call_at((rt.now_ns() + self.w.think_ns) / NS_PER_S, tun_net_xmit, tap,
-                            answer)
+            rt.call_at_ns(rt.now_ns() + self.w.think_ns, tun_net_xmit, tap, answer)
         else:
             tun_net_xmit(tap, answer)
 
