@@ -6,9 +6,10 @@ Cost when nobody listens is one attribute test at the call site::
         bus.emit("kvm_entry", vcpu=vcpu.vcpu_id)
 
 ``on`` is decided when sinks subscribe, not per event (the kernel's static keys, structlog's
-no-op logger).  A sink may name the events it reads in a ``wants`` attribute (a frozenset;
-absent or None: every event); when every sink names its events, the others are not built
-at all.  They still take their ``seq``, so a record's ``seq`` never depends on who listens.
+no-op logger).  A sink may name the events it reads in a ``wants`` attribute (a frozenset,
+read when it subscribes; absent or None: every event): it is handed only those, and a
+record no sink reads is not built at all.  Every emit still takes its ``seq``, so a
+record's ``seq`` never depends on who listens.
 
 Every record is one flat dict: ``t`` (emulated ns), ``ev``, ``seq`` (global order of
 emitted events), then the event's fields in call order.  The schema (names, fields,
@@ -29,12 +30,15 @@ EventSink = Callable[[EventRecord], None]
 class EventBus:
     """Fan-out of event records to subscribed sinks, in subscription order."""
 
-    __slots__ = ("_now", "_sinks", "_wanted", "on", "seq")
+    __slots__ = ("_every", "_now", "_routes", "_sinks", "on", "seq")
 
     def __init__(self, clock: Clock) -> None:
         self._now = clock.now_ns
         self._sinks: tuple[EventSink, ...] = ()
-        self._wanted: frozenset[str] | None = None  # None: some sink reads every event
+        # The sinks of each event some sink names, in subscription order, and of every
+        # other event (the sinks without ``wants``).
+        self._routes: dict[str, tuple[EventSink, ...]] = {}
+        self._every: tuple[EventSink, ...] = ()
         self.on = False
         self.seq = 0
 
@@ -51,23 +55,20 @@ class EventBus:
 
     def _update(self) -> None:
         self.on = bool(self._sinks)
-        wanted: set[str] = set()
-        for sink in self._sinks:
-            wants: frozenset[str] | None = getattr(sink, "wants", None)
-            if wants is None:
-                self._wanted = None
-                return
-            wanted |= wants
-        self._wanted = frozenset(wanted)
+        wants = [getattr(sink, "wants", None) for sink in self._sinks]
+        self._every = tuple(s for s, w in zip(self._sinks, wants, strict=True) if w is None)
+        names = sorted({name for w in wants if w is not None for name in w})
+        self._routes = {name: tuple(s for s, w in zip(self._sinks, wants, strict=True)
+                                    if w is None or name in w) for name in names}
 
     def emit(self, ev: str, /, **fields: Any) -> None:
-        """Build one record and hand it to every sink.  Call only when ``on`` is true."""
+        """Build one record and hand it to every sink that reads it.  Call only when
+        ``on`` is true."""
         seq = self.seq
         self.seq = seq + 1
-        wanted = self._wanted
-        if wanted is not None and ev not in wanted:
+        sinks = self._routes.get(ev, self._every)
+        if not sinks:
             return
-        record: EventRecord = {"t": self._now(), "ev": ev, "seq": seq}
-        record.update(fields)
-        for sink in self._sinks:
+        record: EventRecord = {"t": self._now(), "ev": ev, "seq": seq, **fields}
+        for sink in sinks:
             sink(record)
