@@ -12,6 +12,7 @@ import orjson
 
 from vkick.cli.analyze import analyze
 from vkick.obs.jsonl import MAX_LINE, ReadReport, read_events
+from vkick.obs.stats import RATE_BUCKET_NS, RATE_MAX_BUCKETS, RunStats
 from vkick.testing import run_config
 
 BASE_NS = 1_000_000
@@ -122,3 +123,21 @@ def test_analyze_damaged_log_counts_the_rest_exactly(tmp_path: Path) -> None:
     assert clean_report.bad == []
     assert summary == expected
     assert summary["delivered"] > 0
+
+
+def test_rate_buckets_widen_so_a_long_run_keeps_a_bounded_summary() -> None:
+    """Past RATE_MAX_BUCKETS buckets the width doubles and the counts merge pairwise: no
+    delivery is lost, and the buckets never outnumber the bound."""
+    stats = RunStats()
+    times = [i * RATE_BUCKET_NS * 7 // 3 for i in range(3 * RATE_MAX_BUCKETS)]
+    for t in times:
+        stats({"t": t, "ev": "vkick_guest_irq", "vm": "vm0", "vcpu": 0})
+    summary = stats.to_json()
+    width = summary["rate_bucket_ns"]
+    assert width == RATE_BUCKET_NS * 8  # the last t needs 7 × 10,000 buckets of 100 µs
+    assert len(summary["rate"]) <= RATE_MAX_BUCKETS
+    assert sum(b["delivered"] for b in summary["rate"]) == len(times)
+    expected: dict[int, int] = {}
+    for t in times:
+        expected[t // width * width] = expected.get(t // width * width, 0) + 1
+    assert {b["t_ns"]: b["delivered"] for b in summary["rate"]} == expected

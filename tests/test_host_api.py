@@ -247,3 +247,19 @@ def test_run_result_reproduce_names_seed_duration_and_policy() -> None:
     assert "<dict>" in r.reproduce()
     result = vkick.testing.run_config(SMALL, duration="1ms", policy="random")
     assert (result.duration_ns, result.policy) == (1_000_000, "random")
+
+
+@pytest.mark.asyncio
+async def test_host_guests_count_deliveries_without_keeping_each_one() -> None:
+    """A host run may last for hours: its guests count what they take (the counts add up
+    to the run's deliveries) but keep no per-interrupt history, and say so if asked."""
+    async def guests(h: EmulatedHost) -> list[Any]:
+        return [v.guest for vm in h.vms.values() for v in vm.kvm.vcpus]
+
+    async with vkick.Host.from_config(SMALL) as host:
+        result = await host.run()
+        cpus = await host.call(guests)
+    assert sum(g.nr_delivered for g in cpus) == result.summary["delivered"] > 0
+    assert all(g.history is None for g in cpus)
+    with pytest.raises(RuntimeError, match="nr_delivered"):
+        _ = cpus[0].vectors

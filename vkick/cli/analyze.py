@@ -112,7 +112,7 @@ def detail_tables(summary: dict[str, Any]) -> list[Any]:
     rate.add_column("delivered", justify="right")
     rate.add_column("")
     buckets = summary["rate"]
-    rows = _coarsen(buckets, 20)
+    rows = _coarsen(buckets, summary["rate_bucket_ns"], 20)
     peak = max((b["delivered"] / b["width"] for b in rows), default=0)
     for b in rows:
         bar = "█" * round(20 * b["delivered"] / b["width"] / max(peak, 1e-9))
@@ -120,22 +120,21 @@ def detail_tables(summary: dict[str, Any]) -> list[Any]:
     return [lat, misc, rate]
 
 
-def _coarsen(buckets: list[dict[str, int]], rows: int) -> list[dict[str, int]]:
+def _coarsen(buckets: list[dict[str, int]], bucket_ns: int,
+             rows: int) -> list[dict[str, int]]:
     """At most ``rows`` rows over the whole time range (empty buckets count as 0):
-    ``width`` consecutive rate buckets per row."""
+    ``width`` consecutive rate buckets (of ``bucket_ns`` each) per row."""
     if not buckets:
         return []
-    from vkick.obs.stats import RATE_BUCKET_NS  # noqa: PLC0415
-
     by_t = {b["t_ns"]: b["delivered"] for b in buckets}
     first, last = buckets[0]["t_ns"], buckets[-1]["t_ns"]
-    n = (last - first) // RATE_BUCKET_NS + 1
+    n = (last - first) // bucket_ns + 1
     step = -(-n // rows)
     out = []
     for i in range(0, n, step):
-        t0 = first + i * RATE_BUCKET_NS
+        t0 = first + i * bucket_ns
         width = min(step, n - i)
         out.append({"t_ns": t0, "width": width,
-                    "delivered": sum(by_t.get(t0 + k * RATE_BUCKET_NS, 0)
+                    "delivered": sum(by_t.get(t0 + k * bucket_ns, 0)
                                      for k in range(width))})
     return out

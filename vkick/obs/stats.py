@@ -22,7 +22,8 @@ from hdrh.histogram import HdrHistogram
 
 from vkick.runtime.events import EventRecord
 
-RATE_BUCKET_NS: Final = 100_000  # interrupt rate over time: deliveries per 100 µs
+RATE_BUCKET_NS: Final = 100_000  # interrupt rate over time: deliveries per 100 µs …
+RATE_MAX_BUCKETS: Final = 10_000  # … widened (doubled) whenever the run outgrows this many
 
 
 def _histogram() -> HdrHistogram:
@@ -137,7 +138,9 @@ class RunStats:
         self.vms: dict[str, Tally] = {}
         self.queues: dict[str, Tally] = {}  # "vm/dev/vq": a vhost queue (its call eventfd)
         self.sources: Counter[str] = Counter()
-        self.rate: Counter[int] = Counter()
+        self.rate: Counter[int] = Counter()  # bucket index → deliveries
+        self.rate_bucket_ns = RATE_BUCKET_NS
+        self._rate_until = RATE_BUCKET_NS * RATE_MAX_BUCKETS  # widen at this t
         self.latency_by_path: dict[str, Latencies] = {}
 
         # NOTE: hot (every info-level record, online and in analyze): one dict lookup picks
@@ -190,7 +193,21 @@ class RunStats:
     # The two commonest records are counted per vCPU and added to its scopes at the end.
     def _guest_irq(self, rec: EventRecord) -> None:
         self._handled[(rec["vm"], rec["vcpu"])] += 1
-        self.rate[rec["t"] // RATE_BUCKET_NS] += 1
+        t = rec["t"]
+        if t >= self._rate_until:
+            self._widen_rate(t)
+        self.rate[t // self.rate_bucket_ns] += 1
+
+    def _widen_rate(self, t: int) -> None:
+        """Double the rate buckets until ``t`` fits in RATE_MAX_BUCKETS of them: a soak's
+        summary (and memory) stays the same size however long it runs."""
+        while t >= self._rate_until:
+            merged: Counter[int] = Counter()
+            for b, n in self.rate.items():
+                merged[b // 2] += n
+            self.rate = merged
+            self.rate_bucket_ns *= 2
+            self._rate_until *= 2
 
     def _exit(self, rec: EventRecord) -> None:
         self._exits[(rec["vm"], rec["vcpu"], rec["reason"])] += 1
@@ -307,7 +324,8 @@ class RunStats:
             "vms": {name: {**t.to_json(), "vcpus": vcpus.get(name, {})}
                     for name, t in sorted(self.vms.items())},
             "queues": {k: t.to_json() for k, t in sorted(self.queues.items())},
-            "rate": [{"t_ns": b * RATE_BUCKET_NS, "delivered": n}
+            "rate_bucket_ns": self.rate_bucket_ns,
+            "rate": [{"t_ns": b * self.rate_bucket_ns, "delivered": n}
                      for b, n in sorted(self.rate.items())],
         })
         return out

@@ -156,6 +156,7 @@ async def _build_vm(rt: Runtime, hw: HwHost, name: str, cfg: VmConfig,
     softnet: list[SoftnetData] = []
     for vcpu in await create_booted_vcpus(kvm, pins, x2apic=cfg.x2apic, eoi_auto=True,
                                           handler_ns=g.handler_ns, eoi_first=True):
+        vcpu.guest.history = None  # a host run may last for hours
         sd = SoftnetData(vcpu.guest)
         vcpu.guest.softirq_handlers[NET_RX_SOFTIRQ] = functools.partial(_net_rx, sd)
         softnet.append(sd)
