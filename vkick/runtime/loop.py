@@ -219,6 +219,18 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
         _heappush(self._timers, (when_ns, seq, timer))
         return timer
 
+    def sleep_ns(self, ns: int) -> asyncio.Future[None]:
+        """A future that completes ``ns`` from now (``Runtime.sleep_ns``; as
+        :meth:`sleep_until_ns`, inlined: a sleep is the commonest timer)."""
+        fut: asyncio.Future[None] = _Future(loop=self)
+        when_ns = self.clock.ns + (ns if ns > 0 else 0)
+        if self.get_debug():
+            super().call_at(when_ns / NS_PER_S, _set_done, fut)
+        else:
+            self._timer_seq = seq = self._timer_seq + 1
+            _heappush(self._timers, (when_ns, seq, fut))
+        return fut
+
     def sleep_until_ns(self, when_ns: int) -> asyncio.Future[None]:
         """A future that completes at ``when_ns`` (a sleep: await it)."""
         fut: asyncio.Future[None] = _Future(loop=self)

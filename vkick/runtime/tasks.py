@@ -62,6 +62,11 @@ class Runtime:
     """
 
     preempt: Callable[[Window], Awaitable[None]]
+    sleep_ns: Callable[[int], Awaitable[None]]
+    """Let ``ns`` emulated nanoseconds pass for the calling task (``await``)."""
+    call_at_ns: Callable[..., asyncio.TimerHandle]
+    """``call_at_ns(when_ns, callback, *args)``: call ``callback(*args)`` at emulated time
+    ``when_ns`` (a timer: an IPI's arrival, a work deadline); cancel through the handle."""
 
     def __init__(self, *, seed: int = 0, policy: PreemptPolicy | None = None,
                  realtime: bool = False, scale: float = 1.0) -> None:
@@ -69,17 +74,20 @@ class Runtime:
         self.rng = RngStreams(seed)
         self.realtime = realtime
         self.clock: Clock
-        self._vloop: VirtualEventLoop  # virtual time only
         if realtime:
             self.loop: asyncio.AbstractEventLoop = _new_real_loop()
             wall = ScaledWallClock(scale)
             self.clock = wall
             self._wall_scale = scale
+            self.sleep_ns = self._sleep_ns_real
+            self.call_at_ns = self._call_at_ns_real
         else:
             vloop = VirtualEventLoop()
             vloop.deadlock_handler = self._on_deadlock
             self.loop = vloop
-            self._vloop = vloop
+            # NOTE: the loop's own methods, bound: no Runtime frame per sleep or timer.
+            self.sleep_ns = vloop.sleep_ns
+            self.call_at_ns = vloop.call_at_ns
             self.clock = vloop.clock
             self._wall_scale = 1.0
         self.now_ns: Callable[[], int] = self.clock.now_ns
@@ -128,21 +136,13 @@ class Runtime:
     def preempt_counts(self) -> dict[str, int]:
         return dict(self._preempter.counts)
 
-    def sleep_ns(self, ns: int) -> Awaitable[None]:
-        """Let ``ns`` emulated nanoseconds pass for the calling task."""
-        if self.realtime:
-            return asyncio.sleep(ns * self._wall_scale / NS_PER_S)
-        return self._vloop.sleep_until_ns(self._vloop.clock.ns + max(ns, 0))
+    def _sleep_ns_real(self, ns: int) -> Awaitable[None]:
+        return asyncio.sleep(ns * self._wall_scale / NS_PER_S)
 
-    def call_at_ns(self, when_ns: int, callback: Callable[..., Any],
-                   *args: Any) -> asyncio.TimerHandle:
-        """Call ``callback(*args)`` at emulated time ``when_ns`` (a timer: an IPI's
-        arrival, a work deadline); cancellable through the returned handle."""
-        if self.realtime:
-            delay_ns = max(0, when_ns - self.clock.now_ns())
-            return self.loop.call_later(delay_ns * self._wall_scale / NS_PER_S, callback,
-                                        *args)
-        return self._vloop.call_at_ns(when_ns, callback, *args)
+    def _call_at_ns_real(self, when_ns: int, callback: Callable[..., Any],
+                         *args: Any) -> asyncio.TimerHandle:
+        delay_ns = max(0, when_ns - self.clock.now_ns())
+        return self.loop.call_later(delay_ns * self._wall_scale / NS_PER_S, callback, *args)
 
     # ---------------------------------------------------------------- supervision
 
