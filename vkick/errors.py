@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 
 class VkickError(Exception):
     """Base of every error vkick raises on purpose."""
@@ -32,14 +35,17 @@ class LogFormatError(VkickError):
 
 
 class InvariantViolation(VkickError):  # noqa: N818  (the name the design uses)
-    """A guest-visible invariant (spec §17) was broken; carries the reproduction line."""
+    """A guest-visible invariant (spec §17) was broken (``RunResult.raise_for_violations``):
+    the violations, the first one's causal trace, and the line that replays the run."""
 
-    def __init__(self, invariant: str, detail: str, *, seed: int = 0, config: str = "",
-                 trace: list[dict[str, object]] | None = None) -> None:
-        self.invariant, self.detail, self.seed, self.config = invariant, detail, seed, config
-        self.trace = trace or []
-        super().__init__(f"invariant {invariant} violated: {detail} "
-                         f"(reproduce: vkick run {config or '<config>'} --seed {seed})")
+    def __init__(self, violations: Sequence[Any], reproduce: str) -> None:
+        first = violations[0]
+        self.violations = list(violations)
+        self.invariant, self.detail, self.trace = first.invariant, first.detail, first.trace
+        self.reproduce = reproduce
+        more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
+        super().__init__(f"invariant {first.invariant} violated: {first.detail}{more}; "
+                         f"reproduce: {reproduce}")
 
 
 class VkickInternalError(VkickError):

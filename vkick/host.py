@@ -32,7 +32,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
-from vkick.errors import ConfigError
+from vkick.errors import ConfigError, InvariantViolation
 from vkick.obs.invariants import InvariantChecker, Violation
 from vkick.obs.irqlife import IrqLife, attach
 from vkick.obs.jsonl import JsonlWriter
@@ -72,6 +72,12 @@ class RunResult:
     @property
     def ok(self) -> bool:
         return not self.violations
+
+    def raise_for_violations(self) -> None:
+        """Raise :class:`~vkick.errors.InvariantViolation` if an invariant was broken (a
+        test's one-line check, its message ending in the :meth:`reproduce` line)."""
+        if self.violations:
+            raise InvariantViolation(self.violations, self.reproduce())
 
     def reproduce(self) -> str:
         """The command line that replays this run: its config, seed, traffic duration and
