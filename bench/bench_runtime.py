@@ -33,7 +33,6 @@ from vkick.kernel.sched import (
 from vkick.runtime import Runtime
 from vkick.runtime.loop import VirtualEventLoop
 
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
 ROUNDS = 5
 
 
@@ -111,26 +110,27 @@ def bench_vkick(n: int) -> float:
 
 
 def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000  # not at import: bench_e2e imports us
     # Interleave the variants and keep each one's best of ROUNDS: this machine's figures
     # drift by ±20 % between runs, and the ratio is only meaningful within one round.
     variants: dict[str, Callable[[], float]] = {
-        "(1) asyncio default loop": lambda: bench_bare(asyncio.new_event_loop(), N),
-        "(2) asyncio on VirtualEventLoop": lambda: bench_bare(VirtualEventLoop(), N),
-        "(3) runtime: rt.spawn + rt.preempt": lambda: bench_runtime(N),
-        "(4) kernel: TaskStruct/schedule/wake_up": lambda: bench_vkick(N),
+        "(1) asyncio default loop": lambda: bench_bare(asyncio.new_event_loop(), n),
+        "(2) asyncio on VirtualEventLoop": lambda: bench_bare(VirtualEventLoop(), n),
+        "(3) runtime: rt.spawn + rt.preempt": lambda: bench_runtime(n),
+        "(4) kernel: TaskStruct/schedule/wake_up": lambda: bench_vkick(n),
     }
     try:
         import uvloop  # noqa: PLC0415
     except ImportError:
         pass
     else:
-        variants["(5) asyncio on uvloop"] = lambda: bench_bare(uvloop.new_event_loop(), N)
+        variants["(5) asyncio on uvloop"] = lambda: bench_bare(uvloop.new_event_loop(), n)
     results: dict[str, float] = {}
     for _ in range(ROUNDS):
         for name, fn in variants.items():
             ns = fn()
             results[name] = min(ns, results.get(name, ns))
-    print(f"task hop cost, N = {N} hops, best of {ROUNDS} interleaved rounds")
+    print(f"task hop cost, N = {n} hops, best of {ROUNDS} interleaved rounds")
     for name, ns in results.items():
         print(f"  {name:42s} {ns:8.0f} ns/hop")
     bare = results["(2) asyncio on VirtualEventLoop"]
