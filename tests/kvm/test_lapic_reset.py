@@ -81,3 +81,28 @@ def test_kvm_apic_accept_events_init_resets_the_lapic_as_kvm_vcpu_reset_does(
     assert apic.id == apic_id
     assert not vcpu.pi_desc.on and vcpu.pi_desc.pir == 0
     assert vcpu.arch.mp_state == MpState.KVM_MP_STATE_INIT_RECEIVED
+
+
+def test_kvm_lapic_reset_drops_the_source_ids_of_the_cleared_irr(rt: Runtime) -> None:
+    """A vector pending in the IRR at reset is discarded with its source ids: the next
+    interrupt on that vector carries only its own."""
+    vcpu = _vm(rt, 1, apicv=False).vcpus[0]
+    apic = vcpu.arch.apic
+    assert apic is not None
+    apic.irr = 1 << V
+    vcpu.arch.irq_ids[V] = [7]
+    _run(rt, kvm_lapic_reset, vcpu, True)
+    assert vcpu.arch.irq_ids == {}
+
+
+def test_kvm_apic_set_state_keeps_only_the_ids_of_the_restored_irr(rt: Runtime) -> None:
+    """KVM_SET_LAPIC replaces the IRR: ids of vectors it keeps stay, the others go."""
+    vcpu = _vm(rt, 1, apicv=False).vcpus[0]
+    apic = vcpu.arch.apic
+    assert apic is not None
+    apic.irr = 1 << V | 1 << (V + 1)
+    vcpu.arch.irq_ids.update({V: [7], V + 1: [8]})
+    state = lapic.kvm_apic_get_state(vcpu)
+    state.irr = 1 << (V + 1)
+    assert _run(rt, lapic.kvm_apic_set_state, vcpu, state) == 0
+    assert vcpu.arch.irq_ids == {V + 1: [8]}
