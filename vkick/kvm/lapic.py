@@ -817,11 +817,10 @@ async def kvm_apic_update_apicv(vcpu: KvmVcpu) -> None:
         apic.highest_isr_cache = -1
 
 
-def _drop_stale_irq_ids(vcpu: KvmVcpu) -> None:
+def _drop_stale_irq_ids(vcpu: KvmVcpu, irr: int) -> None:
     """vkick: the source ids of vectors no longer in the IRR (a reset cleared it, or
     KVM_SET_LAPIC replaced it) go with them; else the next interrupt on such a vector
     would be delivered carrying a source the reset discarded."""
-    irr = vcpu.arch.apic.irr if vcpu.arch.apic is not None else 0
     ids = vcpu.arch.irq_ids
     for vector in [v for v in ids if not irr >> v & 1]:
         del ids[vector]
@@ -853,7 +852,7 @@ async def kvm_lapic_reset(vcpu: KvmVcpu, init_event: bool = False) -> None:
         kvm_apic_set_ldr(apic, 0)
     apic.icr = apic.icr2 = 0
     apic.irr = apic.isr = apic.tmr = 0
-    _drop_stale_irq_ids(vcpu)
+    _drop_stale_irq_ids(vcpu, apic.irr)
     await kvm_apic_update_apicv(vcpu)
     apic.highest_isr_cache = -1
     apic_update_ppr(apic)
@@ -926,7 +925,7 @@ async def kvm_apic_set_state(vcpu: KvmVcpu, s: KvmLapicState) -> int:
     apic.id, apic.tpr, apic.ldr, apic.dfr = s.id, s.tpr, s.ldr, s.dfr
     apic.spiv, apic.icr, apic.icr2 = s.spiv, s.icr, s.icr2
     apic.irr, apic.isr, apic.tmr = s.irr, s.isr, s.tmr
-    _drop_stale_irq_ids(vcpu)
+    _drop_stale_irq_ids(vcpu, apic.irr)
     if "apic-map-no-recalc-on-set-state" not in kvm.toggles:
         kvm.arch.apic_map_dirty = APIC_MAP_DIRTY  # atomic_set_release
     await kvm_recalculate_apic_map(kvm, task)

@@ -147,7 +147,7 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
     NOTE: timers live in one heap of ``(deadline ns, arming order, item)`` tuples, compared
     in C, where asyncio's heap of ``TimerHandle`` calls a Python ``__lt__`` for every
     comparison; an item is a ``TimerHandle`` (``call_at``) or, for a sleep
-    (:meth:`sleep_until_ns`), the sleeper's future itself, resolved when it is popped, so a
+    (:meth:`sleep_ns`), the sleeper's future itself, resolved when it is popped, so a
     sleep costs no handle and no callback of its own (bench/bench_e2e.py).  In asyncio's
     debug mode the loop runs asyncio's own iteration and heap (``set_debug`` moves the
     timers across), so its slow-callback and thread checks keep working.
@@ -220,8 +220,7 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
         return timer
 
     def sleep_ns(self, ns: int) -> asyncio.Future[None]:
-        """A future that completes ``ns`` from now (``Runtime.sleep_ns``; as
-        :meth:`sleep_until_ns`, inlined: a sleep is the commonest timer)."""
+        """A future that completes ``ns`` from now: a sleep (``Runtime.sleep_ns``)."""
         fut: asyncio.Future[None] = _Future(loop=self)
         when_ns = self.clock.ns + (ns if ns > 0 else 0)
         if self.get_debug():
@@ -232,14 +231,8 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
         return fut
 
     def sleep_until_ns(self, when_ns: int) -> asyncio.Future[None]:
-        """A future that completes at ``when_ns`` (a sleep: await it)."""
-        fut: asyncio.Future[None] = _Future(loop=self)
-        if self.get_debug():
-            super().call_at(when_ns / NS_PER_S, _set_done, fut)
-        else:
-            self._timer_seq = seq = self._timer_seq + 1
-            _heappush(self._timers, (when_ns, seq, fut))
-        return fut
+        """A future that completes at ``when_ns`` (at once if that has passed)."""
+        return self.sleep_ns(when_ns - self.clock.ns)
 
     def create_future(self) -> asyncio.Future[Any]:
         return _Future(loop=self)
