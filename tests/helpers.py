@@ -3,6 +3,8 @@ folder on ``sys.path``)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from vkick.kernel.eventfd import EventfdCtx, eventfd_ctx_create
 from vkick.kvm.ioapic import IOAPIC_REG_SELECT, IOAPIC_REG_WINDOW, KvmIoapic, ioapic_mmio_write
 from vkick.kvm.kvm_host import Kvm, KvmLapic, KvmVcpu
@@ -50,3 +52,20 @@ def program_rte(kvm: Kvm, pin: int, entry: int) -> None:
     for reg, val in ((0x11 + 2 * pin, entry >> 32), (0x10 + 2 * pin, entry & 0xFFFFFFFF)):
         assert ioapic_mmio_write(None, vioapic, base + IOAPIC_REG_SELECT, 4, reg) == 0
         assert ioapic_mmio_write(None, vioapic, base + IOAPIC_REG_WINDOW, 4, val) == 0
+
+
+def notify_race_config(toggles: list[str], seed: int) -> dict[str, Any]:
+    """The §16.9 W-VQ-notify race (tests/vhost/test_notify_races.py): one vCPU, one
+    queue, event idx, RX traffic that stops after 2 ms; only W-VQ-notify preempts, half
+    the time, sometimes for up to 20 µs — long enough for the guest's NAPI poll to
+    complete and re-enable callbacks inside the window."""
+    return {
+        "run": {"duration": "2ms", "seed": seed, "policy": "random", "preempt": {"p": 0.0},
+                "sites": {"W-VQ-notify": {"p": 0.5, "max_turns": 3, "max_delay_ns": 20000}},
+                "drain": "20ms"},
+        "host": {"pcpus": 2},
+        "vm": [{"name": "vm0", "vcpus": 1, "toggles": toggles,
+                "net": [{"name": "net0", "queues": 1, "event_idx": True}],
+                "workload": [{"net": "net0", "direction": "rx", "pattern": "poisson",
+                              "rate_pps": 100000, "size": 1500}]}],
+    }

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+from helpers import notify_race_config
 
 import vkick
 import vkick.testing
@@ -265,28 +266,14 @@ async def test_host_guests_count_deliveries_without_keeping_each_one() -> None:
         _ = cpus[0].vectors
 
 
-def _notify_race(toggles: list[str], seed: int) -> dict[str, Any]:
-    """tests/vhost/test_notify_races.py's W-VQ-notify run (one queue, event idx)."""
-    return {
-        "run": {"duration": "2ms", "seed": seed, "policy": "random", "preempt": {"p": 0.0},
-                "sites": {"W-VQ-notify": {"p": 0.5, "max_turns": 3, "max_delay_ns": 20000}},
-                "drain": "20ms"},
-        "host": {"pcpus": 2},
-        "vm": [{"name": "vm0", "vcpus": 1, "toggles": toggles,
-                "net": [{"name": "net0", "queues": 1, "event_idx": True}],
-                "workload": [{"net": "net0", "direction": "rx", "pattern": "poisson",
-                              "rate_pps": 100000, "size": 1500}]}],
-    }
-
-
 def test_raise_for_violations_names_the_invariant_and_the_replay_line() -> None:
     """A clean run passes ``raise_for_violations``; a run with a broken invariant raises
     InvariantViolation carrying every violation, the first one's trace and the line that
     replays the run (its seed, duration and policy)."""
-    vkick.testing.run_config(_notify_race([], 0)).raise_for_violations()
+    vkick.testing.run_config(notify_race_config([], 0)).raise_for_violations()
     broken = next(r for seed in range(8)
                   if not (r := vkick.testing.run_config(
-                      _notify_race(["vhost-notify-no-barrier"], seed))).ok)
+                      notify_race_config(["vhost-notify-no-barrier"], seed))).ok)
     with pytest.raises(vkick.InvariantViolation) as info:
         broken.raise_for_violations()
     exc = info.value

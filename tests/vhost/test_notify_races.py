@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+from helpers import notify_race_config
 
 import vkick.vhost.vhost as vhost_mod
 from vkick.guest.fault_inject import FaultAttr
@@ -33,22 +34,6 @@ def _stalls(result: RunResult) -> list[str]:
 
 
 # ------------------------------------------------------------------ device side (§16.9)
-
-
-def _notify_config(toggles: list[str], seed: int) -> dict[str, Any]:
-    """One vCPU, one queue, event idx, RX traffic that stops after 2 ms; only W-VQ-notify
-    preempts, half the time, sometimes for up to 20 µs — long enough for the guest's NAPI
-    poll to complete and re-enable callbacks inside the window."""
-    return {
-        "run": {"duration": "2ms", "seed": seed, "policy": "random", "preempt": {"p": 0.0},
-                "sites": {"W-VQ-notify": {"p": 0.5, "max_turns": 3, "max_delay_ns": 20000}},
-                "drain": "20ms"},
-        "host": {"pcpus": 2},
-        "vm": [{"name": "vm0", "vcpus": 1, "toggles": toggles,
-                "net": [{"name": "net0", "queues": 1, "event_idx": True}],
-                "workload": [{"net": "net0", "direction": "rx", "pattern": "poisson",
-                              "rate_pps": 100000, "size": 1500}]}],
-    }
 
 
 def test_vhost_signal_without_call_eventfd_drains_the_store_buffer() -> None:
@@ -81,7 +66,7 @@ def test_vhost_notify_with_barrier_never_stalls(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(vhost_mod, "vhost_notify", counting)
     for seed in SEEDS:
-        result = run_config(_notify_config([], seed))
+        result = run_config(notify_race_config([], seed))
         assert not result.violations, (seed, result.violations[0].detail)
     assert in_window > 0
 
@@ -90,7 +75,7 @@ def test_vhost_notify_without_barrier_loses_the_interrupt() -> None:
     """Without smp_mb (vhost-notify-no-barrier) the device reads the guest's old used_event
     while the guest misses the buffered used->idx: the queue hangs for good."""
     hung = [d for seed in SEEDS
-            for d in _stalls(run_config(_notify_config(["vhost-notify-no-barrier"], seed)))]
+            for d in _stalls(run_config(notify_race_config(["vhost-notify-no-barrier"], seed)))]
     assert any("ended quiescent" in d for d in hung), hung
 
 

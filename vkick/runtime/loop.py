@@ -74,21 +74,15 @@ class _Handle(asyncio.Handle):
         self._source_traceback = None
 
 
-class _TimerHandle(asyncio.TimerHandle):
-    """asyncio's ``TimerHandle``, built the same way as :class:`_Handle`; ``_when`` is
-    kept (``when()`` is public) but the heap orders by integer ns."""
+class _TimerHandle(_Handle, asyncio.TimerHandle):
+    """asyncio's ``TimerHandle``, built as :class:`_Handle`; ``_when`` is kept (``when()``
+    is public) but the heap orders by integer ns."""
 
     __slots__ = ()
 
     def __init__(self, when: float, callback: Callable[..., Any], args: tuple[Any, ...],
                  loop: asyncio.AbstractEventLoop, context: contextvars.Context) -> None:
-        self._callback = callback
-        self._args = args
-        self._loop = loop
-        self._context = context
-        self._cancelled = False
-        self._repr = None
-        self._source_traceback = None
+        _Handle.__init__(self, callback, args, loop, context)
         self._when = when
         self._scheduled = True
 
