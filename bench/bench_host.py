@@ -4,8 +4,9 @@ the memory one vCPU costs at 256 vCPUs, alone and with a vhost-net queue pair of
 and the wall time of ``vkick run`` on the default.
 
 Rates are per CPU-second of this process (the machine is shared: wall time counts the
-others too), best of ``ROUNDS``; the wall figure is printed beside them.  No run here
-writes a log: the log's cost is ``bench_obs.py``'s.  Run:
+others too), best of ``ROUNDS``; the wall figure is printed beside them.  The table's runs
+write no log; default, multiqueue and large then run again writing one (info and debug
+level) into a temporary directory.  Run:
 ``python bench/bench_host.py [ROUNDS]``.  Targets (issue 4): the built-in default runs in
 under 10 s; default ≥ 20,000 delivered interrupts per second with logging off; the large
 config's cost per interrupt within 1.5× of the default's; ≤ 64 KiB per vCPU.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -29,14 +31,15 @@ ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def run_once(path: Path, detach: bool) -> tuple[dict[str, Any], int, float]:
+def run_once(path: Path, detach: bool, **log: Any) -> tuple[dict[str, Any], int, float]:
     """Run ``path`` as ``vkick.testing.run_config`` does; return its summary, the loop
     callbacks it ran and the CPU seconds of the run alone (after the host was built).
     ``detach``: first remove every sink the Host subscribed (statistics, oracle,
-    lifecycle tracker), so no emit site builds a record and the summary is empty."""
+    lifecycle tracker), so no emit site builds a record and the summary is empty.
+    ``log``: the Host's ``log`` and ``log_level``."""
 
     async def main() -> tuple[dict[str, Any], int, float]:
-        async with Host.from_config(path) as host:  # the sinks subscribe on entering
+        async with Host.from_config(path, **log) as host:  # sinks subscribe on entering
             if detach:
                 bus = host.rt.bus
                 sinks: tuple[Any, ...] = (host.stats, host.checker, host._life)
@@ -52,7 +55,8 @@ def run_once(path: Path, detach: bool) -> tuple[dict[str, Any], int, float]:
     return anyio.run(main)
 
 
-def timed(path: Path, detach: bool = False) -> tuple[float, float, float, dict[str, Any], int]:
+def timed(path: Path, detach: bool = False,
+          **log: Any) -> tuple[float, float, float, dict[str, Any], int]:
     """Best CPU and wall seconds of ``path``'s run (building the host included), best
     CPU seconds of the run alone, its summary and loop callbacks."""
     cpu = wall = run_cpu = float("inf")
@@ -60,7 +64,7 @@ def timed(path: Path, detach: bool = False) -> tuple[float, float, float, dict[s
     callbacks = 0
     for _ in range(ROUNDS):
         t0, w0 = time.process_time(), time.perf_counter()
-        summary, callbacks, run = run_once(path, detach)
+        summary, callbacks, run = run_once(path, detach, **log)
         cpu = min(cpu, time.process_time() - t0)
         wall = min(wall, time.perf_counter() - w0)
         run_cpu = min(run_cpu, run)
@@ -95,6 +99,24 @@ def rates() -> dict[str, tuple[float, float]]:
     assert callbacks == default[2], (callbacks, default[2])
     row("default, no consumer", default[0], default[1], cpu, wall, per_pkt="")
     return cost
+
+
+def with_logs() -> None:
+    """Default, multiqueue and large again, writing a log: cost per interrupt against the
+    same run without one (the table's), per level."""
+    print(f"{'config, log':<24} {'cpu s':>6} {'irqs/cpu-s':>11} {'µs/irq':>7} "
+          f"{'× no log':>8} {'log MB':>7}")
+    with tempfile.TemporaryDirectory() as d:
+        for name in ("default", "multiqueue", "large"):
+            path = CONFIGS / f"{name}.toml"
+            base, *_ = timed(path)
+            for level in ("info", "debug"):
+                log = Path(d) / f"{name}-{level}.jsonl"
+                cpu, _, _, summary, _ = timed(path, log=log, log_level=level)
+                irqs = summary["delivered"]
+                print(f"{name + ', ' + level:<24} {cpu:>6.2f} {irqs / cpu:>11,.0f} "
+                      f"{cpu / max(irqs, 1) * 1e6:>7.1f} {cpu / base:>7.2f}× "
+                      f"{log.stat().st_size / 1e6:>7.1f}")
 
 
 def memory_per_vcpu(queues: bool, small: int = 8, large: int = 256) -> float:
@@ -154,6 +176,7 @@ def main() -> None:
               f"in the run ({large_run * 1e6:.0f} vs {default_run * 1e6:.0f} µs; "
               f"target ≤ 1.5×), {large / default:.2f}× with building the host (32 VMs "
               "against one)")
+    with_logs()
     alone, with_queue = memory_per_vcpu(False), memory_per_vcpu(True)
     print(f"memory per vCPU at 256 vCPUs: {alone / 1024:.1f} KiB; with its queue pair "
           f"{with_queue / 1024:.1f} KiB (target ≤ 64 KiB)")
