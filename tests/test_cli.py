@@ -179,3 +179,38 @@ def test_vkick_run_unwritable_log_is_a_one_line_error(
     assert main(["run", "--duration", "100us", "--log", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"vkick: {tmp_path}: (log): expected a writable file, got Is a directory"
+
+
+_INTERRUPTIBLE_RUN = """
+import signal, sys
+# A shell's background job starts with SIGINT ignored: take Python's handler either way.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from vkick.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_vkick_run_interrupted_reports_the_summary_so_far(tmp_path: Path) -> None:
+    """Ctrl-C in a long run: exit 130, the log whole, and the summary of what ran so far
+    (marked interrupted) instead of nothing."""
+    import signal  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    log = tmp_path / "soak.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _INTERRUPTIBLE_RUN, "run", "--duration", "60s", "--json",
+         "--log", str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (log.exists() and log.stat().st_size > 200_000) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "vkick: interrupted at" in err and "Traceback" not in err
+    summary = json.loads(out)
+    assert summary["interrupted"] is True
+    assert 0 < summary["delivered"] <= summary["signalled"]
+    lines = log.read_bytes().splitlines()
+    assert lines and all(json.loads(line)["ev"] for line in lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -75,19 +76,42 @@ def main(args: argparse.Namespace) -> int:
                 tg.cancel_scope.cancel()
             return result
 
-    result = anyio.run(run)
+    try:
+        result = anyio.run(run)
+    except KeyboardInterrupt:
+        # A soak stopped by hand: the emulation has stopped (Host cancels it and waits),
+        # the log is whole; what the run found so far is worth as much as a finished one.
+        if host.host is None:  # still building: nothing ran
+            raise
+        result = host.result()
+        print(f"vkick: interrupted at {host.now_ns / 1e6:g} ms of emulated time "
+              f"({host.traffic_elapsed_ns / 1e6:g} of {host.duration_ns / 1e6:g} ms of "
+              "traffic); the summary so far follows", file=sys.stderr)
+        _report(args, console, source, host, result, interrupted=True)
+        return 130
+    _report(args, console, source, host, result)
+    return 0 if result.ok else 1
+
+
+def _report(args: argparse.Namespace, console: Any, source: str, host: Any, result: Any, *,
+            interrupted: bool = False) -> None:
+    """The summary (tables, or JSON with ``--json``) and every violation with its replay
+    line; an interrupted run says so in its title, or in its JSON (``interrupted``)."""
     if args.json:
-        print(json.dumps(result.summary, indent=2))
+        summary = {**result.summary, "interrupted": True} if interrupted else result.summary
+        print(json.dumps(summary, indent=2))
     else:
-        title = (f"vkick run {source} — seed {host.seed}, "
-                 f"{host.duration_ns / 1e6:g} ms of traffic")
+        traffic = f"{host.duration_ns / 1e6:g} ms of traffic"
+        if interrupted:
+            traffic = (f"{host.traffic_elapsed_ns / 1e6:g} of {traffic} (interrupted: the "
+                       "summary so far)")
+        title = f"vkick run {source} — seed {host.seed}, {traffic}"
         console.print(summary_table(result.summary, title))
         console.print(vm_table(result.summary))
         console.print(exits_table(result.summary))
         for v in result.violations:
             console.print(f"[red]violation[/] {v.invariant}: {v.detail} "
                           f"(reproduce: {result.reproduce()})", markup=True)
-    return 0 if result.ok else 1
 
 
 def _self_check(args: argparse.Namespace, cfg: Any, console: Any) -> int:
