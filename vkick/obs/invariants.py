@@ -102,6 +102,7 @@ class InvariantChecker:
         ev = rec["ev"]
         if ev not in _CHECKED:  # most records (exits, IPIs, entries …) only feed the traces
             return
+        # The branches exclude one another; the commonest come first.
         if ev == "vkick_irq":
             self._lifecycle(rec)
         elif ev == "vkick_guest_irq":
@@ -122,6 +123,23 @@ class InvariantChecker:
                 elif not vms and rec["irq"]:
                     self._unbound.setdefault(rec["efd"], []).append(rec["irq"])
                     self._unbound_ids.add(rec["irq"])
+        elif ev == "handle_rx":
+            key = (rec["vm"], rec["dev"], rec["vq"])
+            self._published[key] = rec["used_idx"]
+            if rec["used_idx"] != self._consumed.get(key, 0):
+                self._waiting_since.setdefault(key, rec["t"])
+            else:
+                # The guest already took them: it can run ahead of this record, which comes
+                # at the end of the round, after used->idx was published (and after any
+                # W-VQ-notify wait in the round's vhost_signal).
+                self._waiting_since.pop(key, None)
+            self._check_stall(key, rec["t"], rec)
+        elif ev == "virtnet_poll":
+            key = (rec["vm"], rec["dev"], rec["vq"])
+            self._check_stall(key, rec["t"], rec)
+            self._consumed[key] = rec["last_used_idx"]
+            if rec["last_used_idx"] == self._published.get(key, 0):
+                self._waiting_since.pop(key, None)
         elif ev == "irqfd_deassign":
             self._deassigned.add((rec["vm"], rec["gsi"], rec["efd"]))
         elif ev == "irqfd_assign":
@@ -148,23 +166,6 @@ class InvariantChecker:
                 "eventfd count never underflows",
                 f"{rec['efd']}: a semaphore read of {rec['cnt']} at count 0 wrapped the "
                 f"counter to {rec['count']:#x} at t={rec['t']} ns", 0, [dict(rec)]))
-        elif ev == "handle_rx":
-            key = (rec["vm"], rec["dev"], rec["vq"])
-            self._published[key] = rec["used_idx"]
-            if rec["used_idx"] != self._consumed.get(key, 0):
-                self._waiting_since.setdefault(key, rec["t"])
-            else:
-                # The guest already took them: it can run ahead of this record, which comes
-                # at the end of the round, after used->idx was published (and after any
-                # W-VQ-notify wait in the round's vhost_signal).
-                self._waiting_since.pop(key, None)
-            self._check_stall(key, rec["t"], rec)
-        elif ev == "virtnet_poll":
-            key = (rec["vm"], rec["dev"], rec["vq"])
-            self._check_stall(key, rec["t"], rec)
-            self._consumed[key] = rec["last_used_idx"]
-            if rec["last_used_idx"] == self._published.get(key, 0):
-                self._waiting_since.pop(key, None)
         elif ev == "vkick_run_start":
             self.stall_ns = rec["stall_ns"]
         elif ev == "vkick_run_end":

@@ -151,6 +151,9 @@ class RunStats:
         self._by_irq: dict[tuple[str, int, str | None], _IrqScopes] = {}
         self._handled: Counter[tuple[str, int]] = Counter()  # vkick_guest_irq by vCPU
         self._exits: Counter[tuple[str, int, str]] = Counter()  # kvm_exit by vCPU, reason
+        self._host_ipis: Counter[tuple[str, int, int]] = Counter()  # by (VM, vCPU, vector)
+        # By vhost queue: RX packets, RX bytes, TX packets, TX bytes, suppressed signals.
+        self._by_vq: dict[tuple[str, str, str], list[int]] = {}
         # Each counted event's handler (public for a reader that dispatches itself).
         self.handlers: dict[str, Callable[[EventRecord], None]] = {
             "vkick_irq": self._irq, "vkick_guest_irq": self._guest_irq,
@@ -190,7 +193,8 @@ class RunStats:
         if handler is not None:
             handler(rec)
 
-    # The two commonest records are counted per vCPU and added to its scopes at the end.
+    # The commonest records are counted per vCPU or queue and added to its scopes at the
+    # end (to_json): one counter update per record, not one per scope.
     def _guest_irq(self, rec: EventRecord) -> None:
         self._handled[(rec["vm"], rec["vcpu"])] += 1
         t = rec["t"]
@@ -213,30 +217,34 @@ class RunStats:
         self._exits[(rec["vm"], rec["vcpu"], rec["reason"])] += 1
 
     def _host_ipi(self, rec: EventRecord) -> None:
-        vec = f"{rec['hvector']:#x}"
         vm = rec.get("vm") or ""
-        for t in self._irq_scopes(vm, rec["vcpu"] if vm else -1, None)[0]:
-            t.host_ipis[vec] += 1
+        self._host_ipis[(vm, rec["vcpu"] if vm else -1, rec["hvector"])] += 1
 
     def _guest_ipi(self, rec: EventRecord) -> None:
         vec = f"{rec['vector']:#x}"
         for t in self._vcpu_scopes(rec["vm"], rec["vcpu"]):
             t.guest_ipis[vec] += 1
 
+    def _vq(self, rec: EventRecord) -> list[int]:
+        key = (rec["vm"], rec["dev"], rec["vq"])
+        acc = self._by_vq.get(key)
+        if acc is None:
+            acc = self._by_vq[key] = [0, 0, 0, 0, 0]
+        return acc
+
     def _vhost_signal(self, rec: EventRecord) -> None:
         if not rec["signalled"]:
-            for t in self._queue_scopes(rec["vm"], rec["dev"], rec["vq"]):
-                t.suppressed += 1
+            self._vq(rec)[4] += 1
 
     def _handle_rx(self, rec: EventRecord) -> None:
-        for t in self._queue_scopes(rec["vm"], rec["dev"], rec["vq"]):
-            t.rx_packets += rec["pkts"]
-            t.rx_bytes += rec["bytes"]
+        acc = self._vq(rec)
+        acc[0] += rec["pkts"]
+        acc[1] += rec["bytes"]
 
     def _handle_tx(self, rec: EventRecord) -> None:
-        for t in self._queue_scopes(rec["vm"], rec["dev"], rec["vq"]):
-            t.tx_packets += rec["pkts"]
-            t.tx_bytes += rec["bytes"]
+        acc = self._vq(rec)
+        acc[2] += rec["pkts"]
+        acc[3] += rec["bytes"]
 
     def _drop(self, rec: EventRecord) -> None:
         for t in self._queue_scopes(rec["vm"], rec["dev"], rec["vq"]):
@@ -308,8 +316,21 @@ class RunStats:
         for (vm, vcpu, reason), n in self._exits.items():
             for t in self._vcpu_scopes(vm, vcpu):
                 t.exits[reason] += n
+        for (vm, vcpu, vector), n in self._host_ipis.items():
+            vec = f"{vector:#x}"
+            for t in self._irq_scopes(vm, vcpu, None)[0]:
+                t.host_ipis[vec] += n
+        for (vm, dev, vq), (rx_p, rx_b, tx_p, tx_b, suppressed) in self._by_vq.items():
+            for t in self._queue_scopes(vm, dev, vq):
+                t.rx_packets += rx_p
+                t.rx_bytes += rx_b
+                t.tx_packets += tx_p
+                t.tx_bytes += tx_b
+                t.suppressed += suppressed
         self._handled.clear()
         self._exits.clear()
+        self._host_ipis.clear()
+        self._by_vq.clear()
         vcpus: dict[str, dict[str, Any]] = {}  # VM → vCPU index → its tally
         for (vm, vcpu), scopes in sorted(self._by_vcpu.items()):
             vcpus.setdefault(vm, {})[str(vcpu)] = scopes[2].to_json()
