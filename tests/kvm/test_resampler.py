@@ -14,7 +14,7 @@ from helpers import lapic, vm_between_ioctls
 from helpers import new_eventfd as _efd
 from helpers import program_rte as _program
 
-from vkick.kernel.eventfd import eventfd_signal
+from vkick.kernel.eventfd import EventfdCtx, eventfd_signal
 from vkick.kvm.eventfd import (
     KVM_IRQFD_FLAG_RESAMPLE,
     KvmIrqAckNotifier,
@@ -51,6 +51,19 @@ _vm = functools.partial(vm_between_ioctls, n=1, irqchip="kernel")
 def _level_pin(kvm: Kvm, gsi: int = 5, pin: int = 5, vector: int = 0x61) -> None:
     kvm_set_irq_routing(kvm, [IrqchipRoute(gsi, KVM_IRQCHIP_IOAPIC, pin)])
     _program(kvm, pin, vector | LEVEL)
+
+
+async def _running_intx(rt: Runtime, apicv: bool,
+                        toggles: frozenset[str]) -> tuple[Kvm, EventfdCtx, EventfdCtx]:
+    """One running vCPU, the full in-kernel irqchip, level pin 5 behind a resampling irqfd
+    (``intx`` and its resamplefd ``intx.r``), as a VMM sets up INTx of an assigned device."""
+    kvm = await build_vm(rt, nr_vcpus=1, apicv=apicv, x2apic=False, eoi_auto=True,
+                         irqchip="kernel", toggles=toggles)
+    _level_pin(kvm)
+    ctx, resamplefd = _efd(rt, "intx"), _efd(rt, "intx.r")
+    await kvm_irqfd_assign(kvm, ctx, 5, KVM_IRQFD_FLAG_RESAMPLE, resamplefd)
+    start_vcpus(rt, kvm)
+    return kvm, ctx, resamplefd
 
 
 # ------------------------------------------------------------------ assignment
@@ -239,12 +252,7 @@ def _teardown_race(seed: int, apicv: bool) -> tuple[int, int, list[str]]:
     rt.bus.subscribe(sink)
 
     async def main() -> None:
-        kvm = await build_vm(rt, nr_vcpus=1, apicv=apicv, x2apic=False, eoi_auto=True,
-                       irqchip="kernel", toggles=FIX)
-        _level_pin(kvm)
-        ctx, resamplefd = _efd(rt, "intx"), _efd(rt, "intx.r")
-        await kvm_irqfd_assign(kvm, ctx, 5, KVM_IRQFD_FLAG_RESAMPLE, resamplefd)
-        start_vcpus(rt, kvm)
+        kvm, ctx, resamplefd = await _running_intx(rt, apicv, FIX)
 
         async def vmm() -> None:
             seen = 0
@@ -288,12 +296,7 @@ def _level_round_trips(seed: int, apicv: bool, toggles: frozenset[str]) -> int:
     result = [0]
 
     async def main() -> None:
-        kvm = await build_vm(rt, nr_vcpus=1, apicv=apicv, x2apic=False, eoi_auto=True,
-                       irqchip="kernel", toggles=toggles)
-        _level_pin(kvm)
-        ctx, resamplefd = _efd(rt, "intx"), _efd(rt, "intx.r")
-        await kvm_irqfd_assign(kvm, ctx, 5, KVM_IRQFD_FLAG_RESAMPLE, resamplefd)
-        start_vcpus(rt, kvm)
+        _, ctx, resamplefd = await _running_intx(rt, apicv, toggles)
         await rt.wait_quiescent()
         for i in range(5):
             eventfd_signal(ctx, 1)
