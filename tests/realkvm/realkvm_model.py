@@ -20,7 +20,6 @@ differential test skips with that reason.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +31,7 @@ from vkick.kvm.kvm_host import APIC_SPIV, Kvm, KvmLapic
 from vkick.kvm.kvm_main import kvm_create_vm, kvm_vm_ioctl_create_vcpu
 from vkick.kvm.lapic import kvm_lapic_reg_write
 from vkick.runtime import Runtime
+from vkick.testing import call_settled
 
 
 class ModelSide:
@@ -52,17 +52,10 @@ class ModelSide:
         self.routes: dict[int, tuple[int, int]] = {}
         self.assigned = False
 
-    def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call a model entry point (awaiting it if it is a coroutine), then let every
         other task (kworkers) run until the runtime is quiescent."""
-        result = fn(*args, **kwargs)
-
-        async def settle() -> Any:
-            value = await result if inspect.isawaitable(result) else result
-            await self.rt.wait_quiescent()
-            return value
-
-        return self.rt.call(settle)
+        return call_settled(self.rt, fn, *args)
 
     def _apic(self, vcpu_idx: int) -> KvmLapic:
         apic = self.kvm.vcpus[vcpu_idx].arch.apic

@@ -11,7 +11,6 @@ skips when /dev/kvm is unusable.
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,6 +28,7 @@ from vkick.kvm.kvm_main import kvm_create_vm, kvm_vm_ioctl_create_vcpu
 from vkick.kvm.lapic import kvm_lapic_reg_write
 from vkick.kvm.x86 import kvm_arch_vm_ioctl_create_irqchip, kvm_vm_ioctl_irq_line
 from vkick.runtime import Runtime
+from vkick.testing import call_settled
 
 _reason = k.probe()
 if _reason is not None:
@@ -55,14 +55,7 @@ class Model:
         self.seen: dict[str, int] = {}
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        result = fn(*args)
-
-        async def settle() -> Any:
-            value = await result if inspect.isawaitable(result) else result
-            await self.rt.wait_quiescent()
-            return value
-
-        return self.rt.call(settle)
+        return call_settled(self.rt, fn, *args)
 
     def apic(self, i: int) -> KvmLapic:
         apic = self.kvm.vcpus[i].arch.apic
