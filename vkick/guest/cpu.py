@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+_EOI: tuple[Any, ...] = ("eoi",)
+_IRET: tuple[Any, ...] = ("iret",)
+_IRQ_EXIT: tuple[Any, ...] = ("call", irq_exit)
+
 
 class GuestCpu:
     """The guest side of one vCPU."""
@@ -76,20 +80,21 @@ class GuestCpu:
         self.nr_delivered += 1
         if self.history is not None:
             self.history.append(vector)
-        body: list[tuple[Any, ...]] = []
-        if self.eoi_auto and self.eoi_first:
-            body.append(("eoi",))
+        # Queued back to front, each step ahead of the ones after it.
+        actions = self.actions
+        if self.softirq_handlers:
+            actions.appendleft(_IRQ_EXIT)
+        actions.appendleft(_IRET)
+        eoi_auto = self.eoi_auto
+        if eoi_auto and not self.eoi_first:
+            actions.appendleft(_EOI)
+        if self.handler_ns:
+            actions.appendleft(("work", self.handler_ns))
         handler = self.handlers.get(vector)
         if handler is not None:
-            body.append(("call", handler))
-        if self.handler_ns:
-            body.append(("work", self.handler_ns))
-        if self.eoi_auto and not self.eoi_first:
-            body.append(("eoi",))
-        body.append(("iret",))
-        if self.softirq_handlers:
-            body.append(("call", irq_exit))
-        self.actions.extendleft(reversed(body))
+            actions.appendleft(("call", handler))
+        if eoi_auto and self.eoi_first:
+            actions.appendleft(_EOI)
 
     def charge(self, ns: int) -> None:
         """Driver code used ``ns`` of CPU time (spent when the current call returns) — on
