@@ -143,16 +143,18 @@ def net_rx_action(vcpu: Any, sd: SoftnetData) -> None:
     sd.budget = NETDEV_BUDGET
     sd.running = list(sd.poll_list)
     sd.poll_list.clear()
-    sd.repoll = []
+    if sd.repoll:  # left empty by the last run's end
+        sd.repoll = []
     _net_rx_step(vcpu, sd)
 
 
 def _net_rx_step(vcpu: Any, sd: SoftnetData) -> None:
     guest = sd.guest
-    if sd.running and sd.budget > 0:
-        n = sd.running.pop(0)
+    running = sd.running
+    if running and sd.budget > 0:
+        n = running.pop(0)
         queued = guest.front_queued
-        sd.budget -= napi_poll(n, sd.repoll)
+        sd.budget = budget = sd.budget - napi_poll(n, sd.repoll)
         queued = guest.front_queued - queued
         if queued:
             # The poll goes on after a preemption window (GuestCpu.preempt_then): the next
@@ -160,16 +162,19 @@ def _net_rx_step(vcpu: Any, sd: SoftnetData) -> None:
             guest.actions.insert(queued, sd.step)
             guest.front_queued += 1
             return
-        if sd.budget > 0:
+        if budget > 0:
             guest.run_next(sd.step)
             return
     if sd.budget <= 0:
         sd.time_squeeze += 1
-    remaining = sd.running + list(sd.poll_list) + sd.repoll
-    sd.running = []
-    sd.repoll = []
-    sd.poll_list = deque(remaining)
-    if remaining:
+    running = sd.running
+    repoll = sd.repoll
+    if running or repoll:
+        sd.poll_list = deque(running + list(sd.poll_list) + repoll)
+        sd.running = []
+        sd.repoll = []
+    # else: only what was scheduled meanwhile is left, already on the poll list.
+    if sd.poll_list:
         raise_softirq_irqoff(guest, NET_RX_SOFTIRQ)
     softirq_done(vcpu)
 

@@ -31,7 +31,6 @@ backwards, the device's next notifications all miss it and the queue stalls (spe
 from __future__ import annotations
 
 import errno
-import functools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -175,7 +174,7 @@ def virtqueue_napi_complete(napi: NapiStruct, vq: VringVirtqueue, processed: int
     no other CPU can take the vq's buffers — its napi_disable waits, its interrupt only
     sets MISSED — so the ``used_event`` stored is the newest.
     """
-    _enable_cb_window(napi, vq, functools.partial(_napi_complete_rest, napi, vq, processed))
+    _enable_cb_window(napi, vq, _napi_complete_rest, processed)
 
 
 def _napi_complete_rest(napi: NapiStruct, vq: VringVirtqueue, processed: int, opaque: int,
@@ -188,26 +187,38 @@ def _napi_complete_rest(napi: NapiStruct, vq: VringVirtqueue, processed: int, op
         virtqueue_disable_cb(vq)
 
 
-def _enable_cb_window(napi: NapiStruct, vq: VringVirtqueue,
-                      then: Callable[[int, SoftnetData], None]) -> None:
+_EnableCbRest = Callable[[NapiStruct, VringVirtqueue, int, int, SoftnetData], None]
+
+
+def _enable_cb_window(napi: NapiStruct, vq: VringVirtqueue, then: _EnableCbRest,
+                      processed: int) -> None:
     """vkick: the re-enable of a queue's callbacks split at W-GUEST-enable-cb — load
     ``last_used_idx`` (the prepare's first half), the window, then on the CPU running the
-    poll store ``used_event`` and go on with ``then(last_used_idx, sd)`` (``sd``: that CPU's
-    softnet data, read before the window: another CPU may list the instance meanwhile)."""
+    poll store ``used_event`` and go on with ``then(napi, vq, processed, last_used_idx,
+    sd)`` (``sd``: that CPU's softnet data, read before the window: another CPU may list
+    the instance meanwhile)."""
     sd = napi.sd  # this CPU's: the poll runs where its poll list is
     last_used_idx = enable_cb_prepare_load(vq)
+    guest = sd.guest
+    if not guest.rt.preempt_enabled:
+        # preempt_then would not split (policy none): go on at once, with no closures.
+        if last_used_idx != vq.last_used_idx:
+            _check_used_event(vq, last_used_idx)
+        enable_cb_prepare_store(vq, last_used_idx)
+        then(napi, vq, processed, last_used_idx, sd)
+        return
 
     def rest() -> None:
         _check_used_event(vq, last_used_idx)
         enable_cb_prepare_store(vq, last_used_idx)
-        then(last_used_idx, sd)
+        then(napi, vq, processed, last_used_idx, sd)
 
     # W-GUEST-enable-cb: last_used_idx loaded ↔ used_event stored.  v5.13 (SCHED held):
     # the device may publish more used buffers; the re-check after the store sees them.
     # Before 3.11 (SCHED clear, bug #15): a refill_work on another CPU may napi_disable,
     # refill, poll the vq and store a newer used_event here; so may a poll on the queue's
     # own vCPU, scheduled by its interrupt, when this poll is the refill_work's.
-    if not sd.guest.preempt_then("W-GUEST-enable-cb", lambda vcpu: run_on(
+    if not guest.preempt_then("W-GUEST-enable-cb", lambda vcpu: run_on(
             napi.owner.guest, vcpu.guest, rest)):
         rest()
 
@@ -241,11 +252,11 @@ def virtnet_poll_complete_pre_3_11(napi: NapiStruct, vq: VringVirtqueue,
     scheduled, callbacks stay off).
     """
     if napi_complete_done(napi, processed):
-        _enable_cb_window(napi, vq, functools.partial(_enable_cb_pre_3_11_rest, napi, vq))
+        _enable_cb_window(napi, vq, _enable_cb_pre_3_11_rest, processed)
 
 
-def _enable_cb_pre_3_11_rest(napi: NapiStruct, vq: VringVirtqueue, last_used_idx: int,
-                             sd: SoftnetData) -> None:
+def _enable_cb_pre_3_11_rest(napi: NapiStruct, vq: VringVirtqueue, processed: int,
+                             last_used_idx: int, sd: SoftnetData) -> None:
     """v3.10 virtqueue_enable_cb after the store, and virtnet_poll's reschedule on this
     CPU (``sd``)."""
     # virtio_mb; more_used: the vq's last_used_idx now, not the one loaded above.
@@ -351,9 +362,10 @@ def receive_buf(vi: VirtnetInfo, rq: ReceiveQueue, data: Any, length: int) -> No
     rest of its buffers are taken here too.
     """
     skb, num_buffers = data
-    for _ in range(num_buffers - 1):
-        if virtqueue_get_buf(rq.vq) is None:
-            break
+    if num_buffers > 1:
+        for _ in range(num_buffers - 1):
+            if virtqueue_get_buf(rq.vq) is None:
+                break
     rq.packets += 1
     rq.bytes += skb.len
     rq.guest.charge(vi.costs.rx_packet_ns)
@@ -368,38 +380,28 @@ def virtnet_receive(rq: ReceiveQueue, budget: int) -> int:
     """
     vi = rq.vi
     vq = rq.vq
-    desc_addr = vq.ring.desc_addr
+    ring = vq.ring
+    desc_addr = ring.desc_addr
+    used_id = ring.used_id
+    num = ring.num
+    mask = num - 1
     packets = 0
     while packets < budget:
-        got = virtqueue_get_buf_with_content(vq, desc_addr)
-        if got is None:
+        # virtqueue_get_buf, reading what the device wrote into the buffer first (vkick: a
+        # buffer's content is its descriptor's ``addr``, at the used head).
+        last_used_idx = vq.last_used_idx
+        if last_used_idx == ring.used_idx:
             break
-        receive_buf(vi, rq, got[0], got[1])
+        content = desc_addr[used_id[last_used_idx & mask]]
+        got = virtqueue_get_buf(vq)
+        assert got is not None
+        receive_buf(vi, rq, content, got[1])
         packets += 1
-    if vq.num_free > min(budget, vq.ring.num) // 2 and not try_fill_recv(vi, rq, GFP_ATOMIC):
+    if vq.num_free > (budget if budget < num else num) // 2 and not try_fill_recv(
+            vi, rq, GFP_ATOMIC):
         rq.oom += 1
         schedule_delayed_work(vi.refill, 0, rq.guest.this_cpu())
     return packets
-
-
-def virtqueue_get_buf_with_content(vq: VringVirtqueue, desc_addr: list[Any],
-                                   ) -> tuple[Any, int] | None:
-    """virtqueue_get_buf, reading what the device wrote into the buffer (vkick: a
-    buffer's content is its descriptor's ``addr``)."""
-    head_len = _peek_used_head(vq)
-    if head_len is None:
-        return None
-    content = desc_addr[head_len]
-    got = virtqueue_get_buf(vq)
-    assert got is not None
-    return content, got[1]
-
-
-def _peek_used_head(vq: VringVirtqueue) -> int | None:
-    ring = vq.ring
-    if vq.last_used_idx == ring.used_idx:
-        return None
-    return ring.used_id[vq.last_used_idx & (ring.num - 1)]
 
 
 def virtnet_poll(napi: NapiStruct, budget: int) -> int:
@@ -411,21 +413,24 @@ def virtnet_poll(napi: NapiStruct, budget: int) -> int:
     """
     rq: ReceiveQueue = napi.owner
     cpu = napi.sd.guest
-    if cpu is not rq.guest and rq.guest.running_on is not cpu:
-        return run_on(rq.guest, cpu, lambda: virtnet_poll(napi, budget))
+    guest = rq.guest
+    if cpu is not guest and guest.running_on is not cpu:
+        return run_on(guest, cpu, lambda: virtnet_poll(napi, budget))
     rq.polls += 1
+    vi = rq.vi
     virtnet_poll_cleantx(rq)
-    rq.guest.charge(rq.vi.costs.napi_poll_ns)
+    guest.charge(vi.costs.napi_poll_ns)
     received = virtnet_receive(rq, budget)
+    vq = rq.vq
     if received < budget:
-        if ENABLE_CB_OUTSIDE_NAPI_TOGGLE in rq.vi.toggles:
-            virtnet_poll_complete_pre_3_11(napi, rq.vq, received)
+        if ENABLE_CB_OUTSIDE_NAPI_TOGGLE in vi.toggles:
+            virtnet_poll_complete_pre_3_11(napi, vq, received)
         else:
-            virtqueue_napi_complete(napi, rq.vq, received)
-    bus = rq.vi.bus
+            virtqueue_napi_complete(napi, vq, received)
+    bus = vi.bus
     if bus is not None and bus.on:
-        bus.emit("virtnet_poll", vm=rq.vi.vm, dev=rq.vi.name, vq=rq.vq.name, pkts=received,
-                 last_used_idx=rq.vq.last_used_idx, complete=received < budget)
+        bus.emit("virtnet_poll", vm=vi.vm, dev=vi.name, vq=vq.name, pkts=received,
+                 last_used_idx=vq.last_used_idx, complete=received < budget)
     return received
 
 
@@ -435,13 +440,15 @@ def virtnet_poll(napi: NapiStruct, budget: int) -> int:
 def free_old_xmit_skbs(sq: SendQueue, in_napi: bool) -> int:
     """drivers/net/virtio_net.c: free_old_xmit_skbs — take every used TX buffer."""
     vi = sq.vi
+    vq = sq.vq
+    on_complete = vi.on_complete
     packets = 0
-    while (got := virtqueue_get_buf(sq.vq)) is not None:
+    while (got := virtqueue_get_buf(vq)) is not None:
         skb: SkBuff = got[0]
         packets += 1
         sq.bytes += skb.len
-        if vi.on_complete is not None:
-            vi.on_complete(sq, skb)
+        if on_complete is not None:
+            on_complete(sq, skb)
     if packets:
         sq.packets += packets
         sq.guest.charge(packets * vi.costs.tx_reclaim_ns)

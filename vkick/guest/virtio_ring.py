@@ -80,7 +80,8 @@ def virtqueue_add_split(vq: VringVirtqueue, data: Any, length: int, *, write: bo
     virtio_wmb) publish the new ``avail->idx`` at once: the device may see it before any
     kick.  ``write``: device-writable (a receive buffer).
     """
-    if vq.num_free < 1:
+    num_free = vq.num_free
+    if num_free < 1:
         return -errno.ENOSPC
     ring = vq.ring
     head = vq.free_head
@@ -88,12 +89,12 @@ def virtqueue_add_split(vq: VringVirtqueue, data: Any, length: int, *, write: bo
     ring.desc_len[head] = length
     ring.desc_flags[head] = VRING_DESC_F_WRITE if write else 0
     vq.free_head = ring.desc_next[head]
-    vq.num_free -= 1
+    vq.num_free = num_free - 1
     vq.data[head] = data
-    ring.avail_ring[vq.avail_idx_shadow & (ring.num - 1)] = head
+    avail_idx = vq.avail_idx_shadow
+    ring.avail_ring[avail_idx & (ring.num - 1)] = head
     # virtio_wmb: descriptor and ring entry are visible before the index.
-    vq.avail_idx_shadow = (vq.avail_idx_shadow + 1) & U16
-    ring.avail_idx = vq.avail_idx_shadow
+    vq.avail_idx_shadow = ring.avail_idx = (avail_idx + 1) & U16
     vq.num_added += 1
     return 0
 
@@ -152,16 +153,17 @@ def virtqueue_get_buf(vq: VringVirtqueue) -> tuple[Any, int] | None:
         return None
     ring = vq.ring
     # virtio_rmb: used elements are read only after the index that exposed them.
-    slot = vq.last_used_idx & (ring.num - 1)
+    last_used_idx = vq.last_used_idx
+    slot = last_used_idx & (ring.num - 1)
     head = ring.used_id[slot]
     length = ring.used_len[slot]
     data = vq.data[head]
     if data is None:
         raise RuntimeError(f"{vq.name}: id {head} is not a head (BAD_RING)")
     detach_buf_split(vq, head)
-    vq.last_used_idx = (vq.last_used_idx + 1) & U16
+    vq.last_used_idx = last_used_idx = (last_used_idx + 1) & U16
     if not vq.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
-        ring.used_event = vq.last_used_idx
+        ring.used_event = last_used_idx
     return data, length
 
 

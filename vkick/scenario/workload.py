@@ -16,6 +16,7 @@ named after the queue and direction, so adding a workload never shifts another's
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -39,8 +40,10 @@ def arrival_gaps(w: WorkloadConfig, rng: random.Random) -> Iterator[int]:
         while True:
             yield gap
     elif w.pattern == "poisson":
+        expovariate = rng.expovariate
         while True:
-            yield max(1, round(rng.expovariate(1.0) * mean_ns))
+            gap = round(expovariate(1.0) * mean_ns)
+            yield gap if gap > 1 else 1
     else:  # burst: constant rate while on, nothing while off
         gap = max(1, round(mean_ns))
         period = w.burst_on + w.burst_off
@@ -65,19 +68,22 @@ async def _arrivals(rt: Runtime, qp: QueuePair, w: WorkloadConfig, t_end: int,
     """``send`` a packet at each arrival of ``w`` on ``qp`` until ``t_end`` (the draws come
     from the queue's and direction's own stream)."""
     rng = rt.rng.stream(f"workload.{qp.vm}.{qp.net}.q{qp.index}.{direction}")
+    now_ns = rt.now_ns
+    sleep_ns = rt.sleep_ns
+    fixed = w.size if w.size_max is None or w.size_max == w.size else 0  # no size draws
     if w.start:
-        await rt.sleep_ns(w.start)
+        await sleep_ns(w.start)
     for gap in arrival_gaps(w, rng):
-        if rt.now_ns() + gap >= t_end:
+        if now_ns() + gap >= t_end:
             return
-        await rt.sleep_ns(gap)
-        send(SkBuff(packet_size(w, rng), rt.now_ns()))
+        await sleep_ns(gap)
+        send(SkBuff(fixed or packet_size(w, rng), now_ns()))
 
 
 async def rx_generator(rt: Runtime, qp: QueuePair, w: WorkloadConfig, t_end: int) -> None:
     """The host stack sends to the guest through the queue's tap until ``t_end``."""
-    tap = qp.tap
-    await _arrivals(rt, qp, w, t_end, direction="rx", send=lambda skb: tun_net_xmit(tap, skb))
+    await _arrivals(rt, qp, w, t_end, direction="rx",
+                    send=functools.partial(tun_net_xmit, qp.tap))
 
 
 async def tx_generator(rt: Runtime, qp: QueuePair, w: WorkloadConfig, t_end: int) -> None:
@@ -94,7 +100,7 @@ async def tx_generator(rt: Runtime, qp: QueuePair, w: WorkloadConfig, t_end: int
 class RrFlow:
     """One request/response workload on one queue: the guest is the client."""
 
-    __slots__ = ("guest", "qp", "rng", "rt", "sent", "seq", "t_end", "w")
+    __slots__ = ("guest", "qp", "rng", "rt", "rx_vq", "sent", "seq", "t_end", "w")
 
     def __init__(self, rt: Runtime, qp: QueuePair, w: WorkloadConfig, t_end: int) -> None:
         self.rt = rt
@@ -105,6 +111,7 @@ class RrFlow:
         self.guest = qp.vcpu.guest
         self.sent: dict[int, int] = {}  # seq → request time
         self.seq = 0
+        self.rx_vq = f"rx{qp.index}"  # the answers' queue, named in vkick_rr events
 
     def start(self) -> None:
         for _ in range(self.w.outstanding):
@@ -139,7 +146,7 @@ class RrFlow:
         if bus.on:
             qp = self.qp
             bus.emit("vkick_rr", vm=qp.vm, vcpu=qp.vcpu.vcpu_id, dev=qp.net,
-                     vq=f"rx{qp.index}", rtt_ns=rt.now_ns() - t0)
+                     vq=self.rx_vq, rtt_ns=rt.now_ns() - t0)
         self.guest.push("call", self.send)
 
 

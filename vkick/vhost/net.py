@@ -112,35 +112,39 @@ def vhost_net_disable_vq(net: VhostNet, vq: VhostVirtqueue) -> None:
 
 
 async def vhost_net_signal_used(nvq: VhostNetVirtqueue) -> None:
-    """drivers/vhost/net.c: vhost_net_signal_used — add the done heads, signal once."""
-    if not nvq.heads:
+    """drivers/vhost/net.c: vhost_net_signal_used — add the done heads, signal once.
+
+    First the worker's copy time for what it did since the last flush (vkick-only)."""
+    heads = nvq.heads
+    if not heads:
         return
-    await _spend(nvq)
-    # vhost_add_used_n reads the heads before its first await (vhost_signal's); only this
-    # worker adds to them, after this returns.
-    await vhost_add_used_and_signal_n(nvq.vq, nvq.heads)
-    nvq.heads.clear()
-
-
-async def _spend(nvq: VhostNetVirtqueue) -> None:
-    """The worker's copy time for what it did since the last flush (vkick-only)."""
     ns = nvq.pending_ns
     if ns:
         nvq.pending_ns = 0
         dev = nvq.vq.dev
         assert dev is not None
         await dev.rt.sleep_ns(ns)
+    # vhost_add_used_n reads the heads before its first await (vhost_signal's); only this
+    # worker adds to them, after this returns.
+    await vhost_add_used_and_signal_n(nvq.vq, heads)
+    heads.clear()
 
 
 async def vhost_tx_batch(net: VhostNet, nvq: VhostNetVirtqueue) -> None:
     """drivers/vhost/net.c: vhost_tx_batch — hand the batched packets to the tap, then
-    signal their used heads."""
-    await _spend(nvq)
+    signal their used heads (the copy time passes first, as in vhost_net_signal_used)."""
+    ns = nvq.pending_ns
+    if ns:
+        nvq.pending_ns = 0
+        dev = nvq.vq.dev
+        assert dev is not None
+        await dev.rt.sleep_ns(ns)
     sock = net.sock
-    if nvq.batch and sock is not None:
-        for skb in nvq.batch:
+    batch = nvq.batch
+    if batch and sock is not None:
+        for skb in batch:
             tun_sendmsg(sock, skb)
-        nvq.batch.clear()
+        batch.clear()
     await vhost_net_signal_used(nvq)
 
 
@@ -152,13 +156,17 @@ async def handle_tx(net: VhostNet) -> None:
         return
     vhost_disable_notify(vq)
     vhost_net_disable_vq(net, vq)
-    desc_addr = vq.ring.desc_addr
-    desc_len = vq.ring.desc_len
-    num = vq.ring.num
+    ring = vq.ring
+    desc_addr = ring.desc_addr
+    desc_len = ring.desc_len
+    num = ring.num
+    heads = nvq.heads  # cleared in place by each flush
+    batch = nvq.batch
+    tx_packet_ns = net.tx_packet_ns
     sent_pkts = 0
     total_len = 0
     while True:
-        if len(nvq.heads) == VHOST_NET_BATCH:  # done_idx
+        if len(heads) == VHOST_NET_BATCH:  # done_idx
             await vhost_tx_batch(net, nvq)
         head = vhost_get_vq_desc(vq)
         if head == num:  # nothing new: wait for the guest's kick
@@ -170,9 +178,9 @@ async def handle_tx(net: VhostNet) -> None:
         total_len += length
         skb = desc_addr[head]
         if isinstance(skb, SkBuff):
-            nvq.batch.append(skb)
-        nvq.pending_ns += net.tx_packet_ns
-        nvq.heads.append((head, 0))  # vq->heads[done_idx++]
+            batch.append(skb)
+        nvq.pending_ns += tx_packet_ns
+        heads.append((head, 0))  # vq->heads[done_idx++]
         sent_pkts += 1
         if vhost_exceeds_weight(vq, sent_pkts, total_len):
             break
@@ -184,21 +192,24 @@ async def handle_tx(net: VhostNet) -> None:
 
 
 def get_rx_bufs(vq: VhostVirtqueue, heads: list[tuple[int, int]], datalen: int) -> int:
-    """drivers/vhost/net.c: get_rx_bufs → the number of heads taken for ``datalen`` bytes;
-    0 (and nothing taken) when the guest has not posted enough buffers."""
-    desc_len = vq.ring.desc_len
-    num = vq.ring.num
-    taken: list[tuple[int, int]] = []
-    while datalen > 0 and len(taken) < UIO_MAXIOV:
+    """drivers/vhost/net.c: get_rx_bufs → the number of heads taken for ``datalen`` bytes,
+    appended to ``heads``; 0 (and nothing taken) when the guest has not posted enough
+    buffers."""
+    ring = vq.ring
+    desc_len = ring.desc_len
+    num = ring.num
+    done = len(heads)
+    limit = done + UIO_MAXIOV
+    while datalen > 0 and len(heads) < limit:
         d = vhost_get_vq_desc(vq)
         if d == num:
-            vhost_discard_vq_desc(vq, len(taken))
+            vhost_discard_vq_desc(vq, len(heads) - done)
+            del heads[done:]
             return 0
         length = desc_len[d]
-        taken.append((d, min(length, datalen)))
+        heads.append((d, length if length < datalen else datalen))
         datalen -= length
-    heads.extend(taken)
-    return len(taken)
+    return len(heads) - done
 
 
 async def handle_rx(net: VhostNet) -> None:
@@ -212,6 +223,7 @@ async def handle_rx(net: VhostNet) -> None:
     vhost_net_disable_vq(net, vq)
     desc_addr = vq.ring.desc_addr
     heads = nvq.heads  # cleared in place by each flush
+    rx_packet_ns = net.rx_packet_ns
     recv_pkts = 0
     total_len = 0
     sock_len = 0
@@ -233,9 +245,10 @@ async def handle_rx(net: VhostNet) -> None:
         skb = tun_recvmsg(sock)
         assert skb is not None
         desc_addr[heads[done_idx][0]] = (skb, headcount)  # the packet, num_buffers
-        for i in range(done_idx + 1, done_idx + headcount):
-            desc_addr[heads[i][0]] = None
-        nvq.pending_ns += net.rx_packet_ns
+        if headcount > 1:
+            for i in range(done_idx + 1, done_idx + headcount):
+                desc_addr[heads[i][0]] = None
+        nvq.pending_ns += rx_packet_ns
         if len(heads) > VHOST_NET_BATCH:  # done_idx += headcount
             await vhost_net_signal_used(nvq)
         total_len += vhost_len

@@ -35,6 +35,7 @@ NETDEV_TX_OK: Final = 0
 EPOLLRDNORM: Final = 0x040
 EPOLLRDBAND: Final = 0x080
 EPOLLWRNORM: Final = 0x100
+_READABLE_KEY: Final = EPOLLIN | EPOLLPRI | EPOLLRDNORM | EPOLLRDBAND  # sock_def_readable's
 
 
 @dataclass(slots=True, eq=False)
@@ -66,15 +67,17 @@ def tun_net_xmit(tfile: TunFile, skb: SkBuff) -> int:
     Produce into the ptr_ring (full: drop, ``tx_dropped``), then ``sk_data_ready``
     (sock_def_readable: wake the socket's wait queue with EPOLLIN, synchronously).
     """
-    if len(tfile.tx_ring) >= tfile.ring_size:
+    tx_ring = tfile.tx_ring
+    if len(tx_ring) >= tfile.ring_size:
         tfile.tx_dropped += 1
         bus = tfile.rt.bus
         if bus.on:
             bus.emit("vkick_tun_drop", vm=tfile.vm, dev=tfile.dev, vq=tfile.vq)
         return NETDEV_TX_OK
-    tfile.tx_ring.append(skb)
-    if waitqueue_active(tfile.wq):
-        __wake_up(tfile.wq, TASK_INTERRUPTIBLE, 1, EPOLLIN | EPOLLPRI | EPOLLRDNORM | EPOLLRDBAND)
+    tx_ring.append(skb)
+    wq = tfile.wq
+    if waitqueue_active(wq):
+        __wake_up(wq, TASK_INTERRUPTIBLE, 1, _READABLE_KEY)
     return NETDEV_TX_OK
 
 
@@ -92,12 +95,14 @@ def tun_chr_poll(tfile: TunFile, queue_proc: PollQueueProc | None) -> int:
 def tun_peek_len(tfile: TunFile) -> int:
     """drivers/vhost/net.c: vhost_net_rx_peek_head_len's answer for a tap — the length of
     the packet at the ring's head, 0 when empty."""
-    return tfile.tx_ring[0].len if tfile.tx_ring else 0
+    tx_ring = tfile.tx_ring
+    return tx_ring[0].len if tx_ring else 0
 
 
 def tun_recvmsg(tfile: TunFile) -> SkBuff | None:
     """drivers/net/tun.c: tun_recvmsg → tun_do_read — consume the ring's head packet."""
-    return tfile.tx_ring.popleft() if tfile.tx_ring else None
+    tx_ring = tfile.tx_ring
+    return tx_ring.popleft() if tx_ring else None
 
 
 def tun_sendmsg(tfile: TunFile, skb: SkBuff) -> int:

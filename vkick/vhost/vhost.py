@@ -16,7 +16,7 @@ becomes visible only after the window — the classic lost-notification hang.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -78,12 +78,13 @@ def vhost_get_vq_desc(vq: VhostVirtqueue) -> int:
     entries are read after the index that exposed them).
     """
     ring = vq.ring
-    if vq.last_avail_idx == vq.avail_idx:
-        vq.avail_idx = ring.avail_idx
-        if vq.last_avail_idx == vq.avail_idx:
+    last_avail_idx = vq.last_avail_idx
+    if last_avail_idx == vq.avail_idx:
+        vq.avail_idx = avail_idx = ring.avail_idx
+        if last_avail_idx == avail_idx:
             return ring.num
-    head = ring.avail_ring[vq.last_avail_idx & (ring.num - 1)]
-    vq.last_avail_idx = (vq.last_avail_idx + 1) & U16
+    head = ring.avail_ring[last_avail_idx & (ring.num - 1)]
+    vq.last_avail_idx = (last_avail_idx + 1) & U16
     return head
 
 
@@ -99,12 +100,13 @@ def __vhost_add_used_n(vq: VhostVirtqueue, heads: Sequence[tuple[int, int]]) -> 
     mask = ring.num - 1
     used_id = ring.used_id
     used_len = ring.used_len
-    start = vq.last_used_idx
-    for i, (head, length) in enumerate(heads):
-        used_id[(start + i) & mask] = head
-        used_len[(start + i) & mask] = length
-    old = start
-    new = vq.last_used_idx = (old + len(heads)) & U16
+    old = idx = vq.last_used_idx
+    for head, length in heads:
+        slot = idx & mask
+        used_id[slot] = head
+        used_len[slot] = length
+        idx += 1
+    new = vq.last_used_idx = idx & U16
     if ((new - vq.signalled_used) & U16) < ((new - old) & U16):
         vq.signalled_used_valid = False
     # smp_wmb: the elements are visible before the index.
@@ -145,9 +147,10 @@ async def vhost_notify(vq: VhostVirtqueue) -> bool:
     if vq.used_idx_store >= 0:
         ring.used_idx = vq.used_idx_store  # the store buffer drains
         vq.used_idx_store = -1
-    if vq.has_feature(VIRTIO_F_NOTIFY_ON_EMPTY) and vq.avail_idx == vq.last_avail_idx:
+    acked = vq.acked_features  # vhost_has_feature, inlined
+    if acked >> VIRTIO_F_NOTIFY_ON_EMPTY & 1 and vq.avail_idx == vq.last_avail_idx:
         return True
-    if not vq.has_feature(VIRTIO_RING_F_EVENT_IDX):
+    if not acked >> VIRTIO_RING_F_EVENT_IDX & 1:
         flags = early_flags if no_barrier else ring.avail_flags
         return not flags & VRING_AVAIL_F_NO_INTERRUPT
     old = vq.signalled_used
@@ -185,30 +188,36 @@ async def vhost_signal(vq: VhostVirtqueue) -> bool:
     saved = runtime.cur_irq
     runtime.cur_irq = irq = runtime.next_irq_id()
     try:
-        if runtime.bus.on:
-            runtime.bus.emit("vhost_signal", vm=vq.vm, dev=vq.devname, vq=vq.name, irq=irq,
-                             signalled=True)
+        bus = runtime.bus
+        if bus.on:
+            bus.emit("vhost_signal", vm=vq.vm, dev=vq.devname, vq=vq.name, irq=irq,
+                     signalled=True)
         eventfd_signal(ctx, 1)
     finally:
         runtime.cur_irq = saved
     return True
 
 
-async def vhost_add_used_and_signal_n(vq: VhostVirtqueue,
-                                      heads: Sequence[tuple[int, int]]) -> None:
-    """drivers/vhost/vhost.c: vhost_add_used_and_signal_n  [process: vhost worker]"""
+def vhost_add_used_and_signal_n(vq: VhostVirtqueue,
+                                heads: Sequence[tuple[int, int]]) -> Awaitable[bool]:
+    """drivers/vhost/vhost.c: vhost_add_used_and_signal_n  [process: vhost worker]
+
+    Returns vhost_signal's awaitable (callers write ``await vhost_add_used_and_signal_n``).
+    NOTE: a plain ``def``, not a coroutine: one coroutine frame less per signal; the heads
+    are added when it is called."""
     vhost_add_used_n(vq, heads)
-    await vhost_signal(vq)
+    return vhost_signal(vq)
 
 
 def vhost_disable_notify(vq: VhostVirtqueue) -> None:
     """drivers/vhost/vhost.c: vhost_disable_notify — stop guest kicks while polling (with
     event idx nothing is written: the device just stops moving ``avail_event``)."""
-    if vq.used_flags & VRING_USED_F_NO_NOTIFY:
+    used_flags = vq.used_flags
+    if used_flags & VRING_USED_F_NO_NOTIFY:
         return
-    vq.used_flags |= VRING_USED_F_NO_NOTIFY
-    if not vq.has_feature(VIRTIO_RING_F_EVENT_IDX):
-        vq.ring.used_flags = vq.used_flags
+    vq.used_flags = used_flags = used_flags | VRING_USED_F_NO_NOTIFY
+    if not vq.acked_features >> VIRTIO_RING_F_EVENT_IDX & 1:  # vhost_has_feature
+        vq.ring.used_flags = used_flags
 
 
 def vhost_enable_notify(vq: VhostVirtqueue) -> bool:
@@ -218,14 +227,16 @@ def vhost_enable_notify(vq: VhostVirtqueue) -> bool:
     guest's avail index: buffers added after our last look but before the guest saw the
     enable would otherwise never be kicked for.  Spec §4.8, §16.9.
     """
-    if not vq.used_flags & VRING_USED_F_NO_NOTIFY:
+    used_flags = vq.used_flags
+    if not used_flags & VRING_USED_F_NO_NOTIFY:
         return False
-    vq.used_flags &= ~VRING_USED_F_NO_NOTIFY
-    if not vq.has_feature(VIRTIO_RING_F_EVENT_IDX):
-        vq.ring.used_flags = vq.used_flags
+    vq.used_flags = used_flags = used_flags & ~VRING_USED_F_NO_NOTIFY
+    ring = vq.ring
+    if not vq.acked_features >> VIRTIO_RING_F_EVENT_IDX & 1:  # vhost_has_feature
+        ring.used_flags = used_flags
     else:
-        vq.ring.avail_event = vq.avail_idx
-    return vq.ring.avail_idx != vq.avail_idx
+        ring.avail_event = vq.avail_idx
+    return ring.avail_idx != vq.avail_idx
 
 
 def vhost_exceeds_weight(vq: VhostVirtqueue, pkts: int, total_len: int) -> bool:

@@ -12,10 +12,12 @@ a socket); it only queues work, the worker task does it.  Files are polled throu
 from __future__ import annotations
 
 import errno
+import functools
 import inspect
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import CoroutineType
 from typing import Any, Final, Protocol
 
 from vkick.kernel.eventfd import PollQueueProc
@@ -84,13 +86,18 @@ class VhostDev:
 
 @dataclass(slots=True, eq=False)
 class VhostPoll:
-    """drivers/vhost/vhost.h: struct vhost_poll — a wait entry on a polled file."""
+    """drivers/vhost/vhost.h: struct vhost_poll — a wait entry on a polled file; ``table``
+    is the poll table's queue function (vhost_poll_func bound to this poll, built once)."""
 
     dev: VhostDev
     work: VhostWork
     wait: WaitQueueEntry
     mask: int = EPOLLIN
     wqh: WaitQueueHead | None = None
+    table: PollQueueProc = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.table = functools.partial(vhost_poll_func, self)  # init_poll_funcptr
 
 
 def vhost_poll_wakeup(wait: WaitQueueEntry, mode: int, sync: int, key: int) -> int:
@@ -115,18 +122,20 @@ def vhost_poll_init(dev: VhostDev, fn: Callable[[VhostWork], Any], owner: Any,
     return poll
 
 
+def vhost_poll_func(poll: VhostPoll, wqh: WaitQueueHead) -> None:
+    """drivers/vhost/vhost.c: vhost_poll_func — the poll table's queue function (what the
+    file's poll_wait calls): remember the file's wait queue and join it."""
+    poll.wqh = wqh
+    add_wait_queue(wqh, poll.wait)
+
+
 def vhost_poll_start(poll: VhostPoll, file: PollFile) -> int:
     """drivers/vhost/vhost.c: vhost_poll_start — add the entry (plain add_wait_queue, after
     any priority entries), then act on what the poll reports: a file already readable
     queues the work now.  0, or -EINVAL when the file reports an error."""
     if poll.wqh is not None:
         return 0
-
-    def queue_proc(wqh: WaitQueueHead) -> None:
-        poll.wqh = wqh
-        add_wait_queue(wqh, poll.wait)
-
-    mask = vfs_poll(file, queue_proc)
+    mask = vfs_poll(file, poll.table)
     if mask:
         vhost_poll_wakeup(poll.wait, 0, 0, mask)
     if mask & EPOLLERR:
@@ -165,18 +174,25 @@ async def vhost_worker(dev: VhostDev) -> None:
     """
     task = dev.worker
     assert task is not None
+    why = f"vhost_worker({dev.name}): no work"
     while True:
         set_current_state(task, TASK_INTERRUPTIBLE)
-        if not dev.work_list:
-            await schedule(task, f"vhost_worker({dev.name}): no work")
+        work_list = dev.work_list
+        if not work_list:
+            await schedule(task, why)
             continue
         task.state = TASK_RUNNING
-        batch = list(dev.work_list)
-        dev.work_list.clear()
+        if len(work_list) == 1:  # the common case: no list copy
+            batch: tuple[VhostWork, ...] | list[VhostWork] = (work_list.popleft(),)
+        else:
+            batch = list(work_list)
+            work_list.clear()
         for work in batch:
             work.queued = False
             result = work.fn(work)
-            if inspect.isawaitable(result):
+            # The handlers return coroutines; anything else is asked the slow way.
+            if type(result) is CoroutineType or (result is not None
+                                                 and inspect.isawaitable(result)):
                 await result
 
 
