@@ -48,10 +48,11 @@ async def _signaller(rt: Runtime, ctx: EventfdCtx, rate_pps: float, until_ns: in
         rt.cur_irq = 0
 
 
-def run(vcpus: int, apicv: bool) -> dict[str, Any]:
-    """Idle guests (HLT between interrupts): an irqfd and a signaller per vCPU."""
+def run(vcpus: int, apicv: bool, n_signals: int = SIGNALS_PER_RUN) -> dict[str, Any]:
+    """Idle guests (HLT between interrupts): an irqfd and a signaller per vCPU, about
+    ``n_signals`` signals in all."""
     rate = 100_000.0
-    duration = int(SIGNALS_PER_RUN / (rate * vcpus) * 1e9)
+    duration = int(n_signals / (rate * vcpus) * 1e9)
     rt = Runtime(seed=1)
     stats = RunStats()
     rt.bus.subscribe(stats)
