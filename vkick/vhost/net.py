@@ -18,6 +18,7 @@ the TX socket-writable poll is never armed (a tap never returns EAGAIN here).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -111,6 +112,18 @@ def vhost_net_disable_vq(net: VhostNet, vq: VhostVirtqueue) -> None:
         vhost_poll_stop(net.poll[VHOST_NET_VQ_RX])
 
 
+def _copy_time(nvq: VhostNetVirtqueue) -> Awaitable[None] | None:
+    """The worker's copy time for what it did since the last flush, as a sleep to await
+    (vkick-only), or None when there is none.  A plain function: no coroutine per flush."""
+    ns = nvq.pending_ns
+    if not ns:
+        return None
+    nvq.pending_ns = 0
+    dev = nvq.vq.dev
+    assert dev is not None
+    return dev.rt.sleep_ns(ns)
+
+
 async def vhost_net_signal_used(nvq: VhostNetVirtqueue) -> None:
     """drivers/vhost/net.c: vhost_net_signal_used — add the done heads, signal once.
 
@@ -118,12 +131,9 @@ async def vhost_net_signal_used(nvq: VhostNetVirtqueue) -> None:
     heads = nvq.heads
     if not heads:
         return
-    ns = nvq.pending_ns
-    if ns:
-        nvq.pending_ns = 0
-        dev = nvq.vq.dev
-        assert dev is not None
-        await dev.rt.sleep_ns(ns)
+    copy = _copy_time(nvq)
+    if copy is not None:
+        await copy
     # vhost_add_used_n reads the heads before its first await (vhost_signal's); only this
     # worker adds to them, after this returns.
     await vhost_add_used_and_signal_n(nvq.vq, heads)
@@ -133,12 +143,9 @@ async def vhost_net_signal_used(nvq: VhostNetVirtqueue) -> None:
 async def vhost_tx_batch(net: VhostNet, nvq: VhostNetVirtqueue) -> None:
     """drivers/vhost/net.c: vhost_tx_batch — hand the batched packets to the tap, then
     signal their used heads (the copy time passes first, as in vhost_net_signal_used)."""
-    ns = nvq.pending_ns
-    if ns:
-        nvq.pending_ns = 0
-        dev = nvq.vq.dev
-        assert dev is not None
-        await dev.rt.sleep_ns(ns)
+    copy = _copy_time(nvq)
+    if copy is not None:
+        await copy
     sock = net.sock
     batch = nvq.batch
     if batch and sock is not None:
