@@ -284,58 +284,65 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
             return
         ready = me._ready
         popleft = ready.popleft
+        append = ready.append
         clock = self.clock
-        while True:
-            timers = self._timers
-            if not ready and not me._stopping:
-                if me._timer_cancelled_count > _PURGE_MIN and \
-                        me._timer_cancelled_count * 2 > len(timers):
-                    self._purge_timers()
-                    timers = self._timers
-                while timers:
-                    item = timers[0][2]
+        ran = 0  # callbacks run by this call: folded into callbacks_run on the way out
+        try:
+            while True:
+                timers = self._timers
+                if not ready and not me._stopping:
+                    if me._timer_cancelled_count > _PURGE_MIN and \
+                            me._timer_cancelled_count * 2 > len(timers):
+                        self._purge_timers()
+                        timers = self._timers
+                    while timers:
+                        item = timers[0][2]
+                        if item.__class__ is _Future:
+                            if not item.done():
+                                break
+                        elif not item._cancelled:
+                            break
+                        else:
+                            me._timer_cancelled_count -= 1
+                            item._scheduled = False
+                        _heappop(timers)
+                    if not timers:
+                        self._went_idle()  # quiescence first: watchdogs are not work
+                    else:
+                        when = timers[0][0]
+                        if self._watchdogs and self._watchdogs[0][0] <= when:
+                            self._fire_watchdog()
+                        elif when > clock.ns:
+                            clock.ns = when
+                now = clock.ns
+                while timers and timers[0][0] <= now:
+                    item = _heappop(timers)[2]
                     if item.__class__ is _Future:
                         if not item.done():
-                            break
-                    elif not item._cancelled:
-                        break
-                    else:
+                            item.set_result(None)  # the sleeper's wake-up joins ``ready``
+                    elif item._cancelled:
                         me._timer_cancelled_count -= 1
                         item._scheduled = False
-                    _heappop(timers)
-                if not timers:
-                    self._went_idle()  # quiescence first: watchdogs are not work
-                elif self._watchdogs and self._watchdogs[0][0] <= timers[0][0]:
-                    self._fire_watchdog()
-                elif timers[0][0] > clock.ns:
-                    clock.ns = timers[0][0]
-            now = clock.ns
-            while timers and timers[0][0] <= now:
-                item = _heappop(timers)[2]
-                if item.__class__ is _Future:
-                    if not item.done():
-                        item.set_result(None)  # the sleeper's wake-up joins ``ready``
-                elif item._cancelled:
-                    me._timer_cancelled_count -= 1
-                    item._scheduled = False
-                else:
-                    item._scheduled = False
-                    ready.append(item)
-            ntodo = len(ready)
-            self.callbacks_run += ntodo
-            for _ in range(ntodo):
-                handle = popleft()
-                if handle._cancelled:
-                    continue
-                try:
-                    handle._context.run(handle._callback, *handle._args)
-                except (SystemExit, KeyboardInterrupt):
-                    raise
-                except BaseException as exc:
-                    self._callback_failed(handle, exc)
-            handle = None  # as Handle._run: no cycle through a failed callback's frame
-            if me._stopping or me._debug:
-                return
+                    else:
+                        item._scheduled = False
+                        append(item)
+                ntodo = len(ready)
+                ran += ntodo
+                for _ in range(ntodo):
+                    handle = popleft()
+                    if handle._cancelled:
+                        continue
+                    try:
+                        handle._context.run(handle._callback, *handle._args)
+                    except (SystemExit, KeyboardInterrupt):
+                        raise
+                    except BaseException as exc:
+                        self._callback_failed(handle, exc)
+                handle = None  # as Handle._run: no cycle through a failed callback's frame
+                if me._stopping or me._debug:
+                    return
+        finally:
+            self.callbacks_run += ran
 
     def _callback_failed(self, handle: asyncio.Handle, exc: BaseException) -> None:
         """What ``Handle._run`` does when its callback raises (the iteration inlines the
