@@ -114,3 +114,19 @@ def test_publish_numbers_and_stamps_a_prebuilt_record_as_emit_would() -> None:
     first, second = picky.got
     assert second == {**first, "seq": 2}
     assert list(second) == list(first) == ["t", "ev", "seq", "x", "y"]
+
+
+def test_records_take_their_time_from_any_clock() -> None:
+    """A bus on a clock other than the virtual one (read through its attribute) stamps
+    emitted and published records with its ``now_ns()``."""
+
+    class Fixed:
+        def now_ns(self) -> int:
+            return 42
+
+    bus = EventBus(Fixed())
+    picky = _Picky("a")
+    bus.subscribe(picky)
+    bus.emit("a")
+    bus.publish({"t": 0, "ev": "a", "seq": 0})
+    assert [(r["t"], r["seq"]) for r in picky.got] == [(42, 0), (42, 1)]
