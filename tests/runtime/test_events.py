@@ -72,3 +72,61 @@ def test_the_debug_writer_wants_every_event(tmp_path: Any) -> None:
         bus.emit("kvm_entry", vm="vm0", vcpu=0, pcpu=0)
     assert [orjson.loads(line) for line in path.read_bytes().splitlines()] == [
         {"t": 0, "ev": "kvm_entry", "seq": 0, "vm": "vm0", "vcpu": 0, "pcpu": 0}]
+
+
+class _Handled(_Picky):
+    """A sink with a handler for one of its events."""
+
+    def __init__(self, *names: str) -> None:
+        super().__init__(*names)
+        self.handled: list[dict[str, Any]] = []
+        self.handlers = {"a": self.handled.append}
+
+
+def test_a_sinks_handler_gets_its_event_and_the_sink_the_others() -> None:
+    """The bus calls a sink's handler of an event in its place; events the sink wants but
+    has no handler for still go to the sink; unsubscribing drops both."""
+    bus = EventBus(VirtualClock())
+    sink = _Handled("a", "b")
+    unsubscribe = bus.subscribe(sink)
+    bus.emit("a", x=1)
+    bus.emit("b", x=2)
+    bus.emit("c", x=3)
+    unsubscribe()
+    bus.emit("a", x=4)
+    assert [(r["ev"], r["x"]) for r in sink.handled] == [("a", 1)]
+    assert [(r["ev"], r["x"]) for r in sink.got] == [("b", 2)]
+    assert not bus.on
+
+
+def test_publish_numbers_and_stamps_a_prebuilt_record_as_emit_would() -> None:
+    """``publish`` of a record in emit's layout hands the sinks what ``emit`` would (the
+    bus's time and the next ``seq``, keys in the same order), and takes a ``seq`` even
+    when nobody reads the event."""
+    clock = VirtualClock()
+    bus = EventBus(clock)
+    picky = _Picky("a")
+    bus.subscribe(picky)
+    clock.ns = 7
+    bus.emit("a", x=1, y=2)
+    bus.publish({"t": -1, "ev": "b", "seq": -1, "x": 0})
+    bus.publish({"t": -1, "ev": "a", "seq": -1, "x": 1, "y": 2})
+    first, second = picky.got
+    assert second == {**first, "seq": 2}
+    assert list(second) == list(first) == ["t", "ev", "seq", "x", "y"]
+
+
+def test_records_take_their_time_from_any_clock() -> None:
+    """A bus on a clock other than the virtual one (read through its attribute) stamps
+    emitted and published records with its ``now_ns()``."""
+
+    class Fixed:
+        def now_ns(self) -> int:
+            return 42
+
+    bus = EventBus(Fixed())
+    picky = _Picky("a")
+    bus.subscribe(picky)
+    bus.emit("a")
+    bus.publish({"t": 0, "ev": "a", "seq": 0})
+    assert [(r["t"], r["seq"]) for r in picky.got] == [(42, 0), (42, 1)]

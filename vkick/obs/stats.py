@@ -40,6 +40,40 @@ def _latency_json(h: HdrHistogram | None) -> dict[str, int]:
 
 
 _FOLD_AT: Final = 4096  # distinct values kept exactly before they are folded into HDR
+_PERCENTILES: Final = (50, 90, 99)
+_RANGE: list[HdrHistogram] = []  # one empty histogram: the value ranges of every one
+
+
+def _exact_json(counts: Counter[int]) -> dict[str, int] | None:
+    """What :func:`_latency_json` reports of an HDR histogram holding ``counts``, computed
+    from the counts themselves (None when a value lies outside the histogram's range).
+
+    NOTE: an HDR histogram is ≈0.3 MB of counters to clear, and each percentile walks
+    them in pure Python: a run's dozen summaries cost ≈6 ms that way.  HDR's percentile
+    is the highest value equivalent to the first recorded value whose cumulative count
+    reaches ``max(int(p · total / 100 + 0.5), 1)``, and its max the highest value
+    equivalent to the largest: that needs only the distinct values, in order.
+    """
+    if not _RANGE:
+        _RANGE.append(_histogram())
+    h = _RANGE[0]
+    values = sorted(counts)
+    if values[0] < 0 or values[-1] > h.highest_trackable_value:
+        return None  # out of range (HDR may drop them): let HDR decide
+    total = sum(counts.values())
+    targets = [max(int((min(p, 100.0) * total / 100) + 0.5), 1) for p in _PERCENTILES]
+    found: list[int] = []
+    cumulative = 0
+    for value in values:
+        cumulative += counts[value]
+        while cumulative >= targets[len(found)]:
+            found.append(h.get_highest_equivalent_value(value))
+            if len(found) == len(targets):
+                top = values[-1]
+                return {"p50": found[0], "p90": found[1], "p99": found[2],
+                        "max": h.get_highest_equivalent_value(top) if top else 0,
+                        "count": total}
+    raise AssertionError("the cumulative count reaches the total")
 
 
 class Latencies:
@@ -63,6 +97,12 @@ class Latencies:
         if len(counts) > _FOLD_AT:
             self._fold()
 
+    def record_counts(self, counts: dict[int, int]) -> None:
+        """Record each value of ``counts`` as many times as it counts."""
+        self._counts.update(counts)
+        if len(self._counts) > _FOLD_AT:
+            self._fold()
+
     def _fold(self) -> HdrHistogram:
         h = self._h
         if h is None:
@@ -73,6 +113,10 @@ class Latencies:
         return h
 
     def to_json(self) -> dict[str, int]:
+        if self._h is None and self._counts:
+            exact = _exact_json(self._counts)
+            if exact is not None:
+                return exact
         return _latency_json(self._fold() if self._counts or self._h is not None else None)
 
 
@@ -125,9 +169,12 @@ class Tally:
         return out
 
 
-# An interrupt's scopes (host, VM, vCPU, queue), whether the last is its queue, and its
-# deliveries not yet added to them, by (path, latency, coalesced, first).
-_IrqScopes = tuple[tuple[Tally, ...], bool, Counter[tuple[str, int, bool, bool]]]
+# The deliveries of one kind (path) not yet added to their scopes: count by latency, how
+# many were coalesced, how many were their source's first.
+_Batch = list[Any]  # [dict[int, int], int, int]
+# An interrupt's scopes (host, VM, vCPU, queue), whether the last is its queue, its source
+# kind, and its deliveries not yet added to them, by path.
+_IrqEntry = tuple[tuple[Tally, ...], bool, str, dict[str, _Batch]]
 
 
 class RunStats:
@@ -148,7 +195,9 @@ class RunStats:
         # once per key (bench/bench_obs.py).
         self._by_vcpu: dict[tuple[str, int], tuple[Tally, Tally, Tally]] = {}
         self._by_queue: dict[tuple[str, str, str], tuple[Tally, Tally, Tally]] = {}
-        self._by_irq: dict[tuple[str, int, str | None], _IrqScopes] = {}
+        # By (source kind, VM, vCPU, queue or None), and the scopes of (VM, vCPU, queue).
+        self._by_irq: dict[tuple[str, str, int, str | None], _IrqEntry] = {}
+        self._irq_scopes_of: dict[tuple[str, int, str | None], tuple[Tally, ...]] = {}
         self._handled: Counter[tuple[str, int]] = Counter()  # vkick_guest_irq by vCPU
         self._exits: Counter[tuple[str, int, str]] = Counter()  # kvm_exit by vCPU, reason
         self._host_ipis: Counter[tuple[str, int, int]] = Counter()  # by (VM, vCPU, vector)
@@ -237,12 +286,16 @@ class RunStats:
             self._vq(rec)[4] += 1
 
     def _handle_rx(self, rec: EventRecord) -> None:
-        acc = self._vq(rec)
+        acc = self._by_vq.get((rec["vm"], rec["dev"], rec["vq"]))  # _vq, inlined: hot
+        if acc is None:
+            acc = self._vq(rec)
         acc[0] += rec["pkts"]
         acc[1] += rec["bytes"]
 
     def _handle_tx(self, rec: EventRecord) -> None:
-        acc = self._vq(rec)
+        acc = self._by_vq.get((rec["vm"], rec["dev"], rec["vq"]))
+        if acc is None:
+            acc = self._vq(rec)
         acc[2] += rec["pkts"]
         acc[3] += rec["bytes"]
 
@@ -257,45 +310,65 @@ class RunStats:
                   self._queue_scopes(vm, rec["dev"], rec["vq"])[2]):
             t.record_rtt(rtt)
 
-    def _irq_scopes(self, vm: str, vcpu: int, queue: str | None) -> _IrqScopes:
+    def _irq_scopes(self, vm: str, vcpu: int, queue: str | None) -> tuple[Tally, ...]:
         key = (vm, vcpu, queue)
-        entry = self._by_irq.get(key)
-        if entry is None:
+        scopes = self._irq_scopes_of.get(key)
+        if scopes is None:
             base: tuple[Tally, ...] = (self._vcpu_scopes(vm, vcpu) if vcpu >= 0 and vm else
                                        (self.total, self._vm(vm)) if vm else (self.total,))
             scopes = (*base, self._queue(queue)) if queue is not None else base
-            entry = self._by_irq[key] = (scopes, queue is not None, Counter())
+            self._irq_scopes_of[key] = scopes
+        return scopes
+
+    def _irq_entry(self, key: tuple[str, str, int, str | None]) -> _IrqEntry:
+        source, vm, vcpu, queue = key
+        entry = self._by_irq[key] = (self._irq_scopes(vm, vcpu, queue), queue is not None,
+                                     source, {})
         return entry
 
     def _irq(self, rec: EventRecord) -> None:
         source = rec["source"]
-        signal = source == "signal"
-        entry = self._irq_scopes(rec["vm"], rec["vcpu"], rec["origin"] if signal else None)
+        key = (source, rec["vm"], rec["vcpu"], rec["origin"] if source == "signal" else None)
+        entry = self._by_irq.get(key)
+        if entry is None:
+            entry = self._irq_entry(key)
         first = rec["first"]
-        if first:
-            self.sources[source] += 1
         if not rec["delivered"]:
+            if first:
+                self.sources[source] += 1
             for t in entry[0]:
                 t.signalled += first
                 t.undelivered += 1
             return
-        # NOTE: a delivery lands in four or five scopes; counting its kind once here and
-        # adding it to every scope at the end (or when the kinds grow many) is what keeps
-        # vkick analyze fast (bench/bench_obs.py).
-        batch = entry[2]
-        batch[(rec["path"], max(1, rec["latency_ns"]), rec["coalesced"], first)] += 1
-        if len(batch) > _FOLD_AT:
+        # NOTE: a delivery lands in four or five scopes (and its source's count); counting
+        # it once here, by path and latency, and adding the counts to every scope at the
+        # end (or when the latencies grow many) is what keeps vkick analyze fast
+        # (bench/bench_obs.py).  No tuple is built per record, and no Counter misses (a
+        # Python __missing__ call): most latencies are new.
+        path = rec["path"]
+        batch = entry[3].get(path)
+        if batch is None:
+            batch = entry[3][path] = [{}, 0, 0]
+        lats = batch[0]
+        lat = max(1, rec["latency_ns"])
+        lats[lat] = lats.get(lat, 0) + 1
+        if rec["coalesced"]:
+            batch[1] += 1
+        if first:
+            batch[2] += 1
+        if len(lats) > _FOLD_AT:
             self._flush(entry)
 
-    def _flush(self, entry: _IrqScopes) -> None:
-        scopes, queue, batch = entry
+    def _flush(self, entry: _IrqEntry) -> None:
+        scopes, queue, source, batches = entry
         by_path = self.latency_by_path
-        for (path, lat, coalesced, first), n in batch.items():
+        for path, (lats, coalesced, first) in batches.items():
+            n = sum(lats.values())
             for t in scopes:
                 t.paths[path] += n
-                t.latency.record(lat, n)
-                t.coalesced += n * coalesced
-                t.signalled += n * first
+                t.latency.record_counts(lats)
+                t.coalesced += coalesced
+                t.signalled += first
             if queue:
                 # A queue's "delivered": its signals that reached the guest (the guest-side
                 # count of handler runs, vkick_guest_irq, knows no queue).
@@ -303,8 +376,10 @@ class RunStats:
             h = by_path.get(path)
             if h is None:
                 h = by_path[path] = Latencies()
-            h.record(lat, n)
-        batch.clear()
+            h.record_counts(lats)
+            if first:
+                self.sources[source] += first
+        batches.clear()
 
     def to_json(self) -> dict[str, Any]:
         """The summary (the same schema for ``vkick run --json`` and ``vkick analyze``)."""
@@ -318,7 +393,7 @@ class RunStats:
                 t.exits[reason] += n
         for (vm, vcpu, vector), n in self._host_ipis.items():
             vec = f"{vector:#x}"
-            for t in self._irq_scopes(vm, vcpu, None)[0]:
+            for t in self._irq_scopes(vm, vcpu, None):
                 t.host_ipis[vec] += n
         for (vm, dev, vq), (rx_p, rx_b, tx_p, tx_b, suppressed) in self._by_vq.items():
             for t in self._queue_scopes(vm, dev, vq):
