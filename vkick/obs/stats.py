@@ -40,40 +40,6 @@ def _latency_json(h: HdrHistogram | None) -> dict[str, int]:
 
 
 _FOLD_AT: Final = 4096  # distinct values kept exactly before they are folded into HDR
-_PERCENTILES: Final = (50, 90, 99)
-_RANGE: list[HdrHistogram] = []  # one empty histogram: the value ranges of every one
-
-
-def _exact_json(counts: Counter[int]) -> dict[str, int] | None:
-    """What :func:`_latency_json` reports of an HDR histogram holding ``counts``, computed
-    from the counts themselves (None when a value lies outside the histogram's range).
-
-    NOTE: an HDR histogram is ≈0.3 MB of counters to clear, and each percentile walks
-    them in pure Python: a run's dozen summaries cost ≈6 ms that way.  HDR's percentile
-    is the highest value equivalent to the first recorded value whose cumulative count
-    reaches ``max(int(p · total / 100 + 0.5), 1)``, and its max the highest value
-    equivalent to the largest: that needs only the distinct values, in order.
-    """
-    if not _RANGE:
-        _RANGE.append(_histogram())
-    h = _RANGE[0]
-    values = sorted(counts)
-    if values[0] < 0 or values[-1] > h.highest_trackable_value:
-        return None  # out of range (HDR may drop them): let HDR decide
-    total = sum(counts.values())
-    targets = [max(int((min(p, 100.0) * total / 100) + 0.5), 1) for p in _PERCENTILES]
-    found: list[int] = []
-    cumulative = 0
-    for value in values:
-        cumulative += counts[value]
-        while cumulative >= targets[len(found)]:
-            found.append(h.get_highest_equivalent_value(value))
-            if len(found) == len(targets):
-                top = values[-1]
-                return {"p50": found[0], "p90": found[1], "p99": found[2],
-                        "max": h.get_highest_equivalent_value(top) if top else 0,
-                        "count": total}
-    raise AssertionError("the cumulative count reaches the total")
 
 
 class Latencies:
@@ -113,10 +79,6 @@ class Latencies:
         return h
 
     def to_json(self) -> dict[str, int]:
-        if self._h is None and self._counts:
-            exact = _exact_json(self._counts)
-            if exact is not None:
-                return exact
         return _latency_json(self._fold() if self._counts or self._h is not None else None)
 
 
