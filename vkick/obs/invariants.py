@@ -145,16 +145,7 @@ class InvariantChecker:
                 f"{rec['vm']} vcpu {rec['vcpu']} took {rec['vector']:#x} at t={rec['t']}"
                 f" ns with no pending source", 0, [dict(rec)]))
             return
-        if type(irqs) is not list:
-            self._note(rec)
-        else:
-            traces = self._trace
-            for i in irqs:
-                trace = traces.get(i)
-                if trace is None:
-                    traces[i] = [rec]
-                elif len(trace) < TRACE_LEN:
-                    trace.append(rec)
+        self._note(rec)
         if self._owed:
             vm = rec["vm"]
             for i in irqs:
@@ -262,17 +253,7 @@ class InvariantChecker:
 
     def _irqfd_injects(self, rec: EventRecord) -> None:
         """``irqfd_wakeup`` / ``irqfd_inject``: §17.15, nothing after the deassign."""
-        irqs = rec["irq"]
-        if type(irqs) is not list:
-            self._note(rec)
-        elif irqs:
-            traces = self._trace
-            for i in irqs:
-                trace = traces.get(i)
-                if trace is None:
-                    traces[i] = [rec]
-                elif len(trace) < TRACE_LEN:
-                    trace.append(rec)
+        self._note(rec)
         if self._deassigned and (rec["vm"], rec["gsi"], rec["efd"]) in self._deassigned \
                 and rec.get("r", 0) >= 0:
             ids = rec["irq"] or [0]
