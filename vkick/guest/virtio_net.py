@@ -202,16 +202,11 @@ def _enable_cb_window(napi: NapiStruct, vq: VringVirtqueue, then: _EnableCbRest,
     guest = sd.guest
     if not guest.rt.preempt_enabled:
         # preempt_then would not split (policy none): go on at once, with no closures.
-        if last_used_idx != vq.last_used_idx:
-            _check_used_event(vq, last_used_idx)
-        enable_cb_prepare_store(vq, last_used_idx)
-        then(napi, vq, processed, last_used_idx, sd)
+        _enable_cb_store(napi, vq, then, processed, last_used_idx, sd)
         return
 
     def rest() -> None:
-        _check_used_event(vq, last_used_idx)
-        enable_cb_prepare_store(vq, last_used_idx)
-        then(napi, vq, processed, last_used_idx, sd)
+        _enable_cb_store(napi, vq, then, processed, last_used_idx, sd)
 
     # W-GUEST-enable-cb: last_used_idx loaded ↔ used_event stored.  v5.13 (SCHED held):
     # the device may publish more used buffers; the re-check after the store sees them.
@@ -221,6 +216,15 @@ def _enable_cb_window(napi: NapiStruct, vq: VringVirtqueue, then: _EnableCbRest,
     if not guest.preempt_then("W-GUEST-enable-cb", lambda vcpu: run_on(
             napi.owner.guest, vcpu.guest, rest)):
         rest()
+
+
+def _enable_cb_store(napi: NapiStruct, vq: VringVirtqueue, then: _EnableCbRest,  # noqa: PLR0917
+                     processed: int, last_used_idx: int, sd: SoftnetData) -> None:
+    """The far side of W-GUEST-enable-cb: store ``used_event`` (flagging one that lags,
+    bug #15) and go on with ``then``."""
+    _check_used_event(vq, last_used_idx)
+    enable_cb_prepare_store(vq, last_used_idx)
+    then(napi, vq, processed, last_used_idx, sd)
 
 
 def _check_used_event(vq: VringVirtqueue, used_event: int) -> None:
