@@ -152,16 +152,7 @@ class InvariantChecker:
                 self._owed.pop((vm, i), None)
 
     def _eventfd_signal(self, rec: EventRecord) -> None:
-        irq = rec.get("irq")
-        if irq:
-            if type(irq) is list:
-                self._note(rec)
-            else:
-                trace = self._trace.get(irq)
-                if trace is None:
-                    self._trace[irq] = [rec]
-                elif len(trace) < TRACE_LEN:
-                    trace.append(rec)
+        self._note_one(rec)
         vms = self._attached.get(rec["efd"])
         if vms is not None:
             if len(vms) > 1:
@@ -177,31 +168,23 @@ class InvariantChecker:
             self._note(rec)
         key = (rec["vm"], rec["dev"], rec["vq"])
         used = self._published[key] = rec["used_idx"]
-        waiting = self._waiting_since
-        t = rec["t"]
         if used != self._consumed.get(key, 0):
-            since = waiting.setdefault(key, t)
-            if t - since > self.stall_ns:
-                self._stall(key, since, t, rec, hung=False)
-                waiting[key] = t  # one violation per stall_ns of waiting
+            self._waiting_since.setdefault(key, rec["t"])
+            self._check_stall(key, rec["t"], rec)
         else:
             # The guest already took them: it can run ahead of this record, which comes
             # at the end of the round, after used->idx was published (and after any
             # W-VQ-notify wait in the round's vhost_signal).
-            waiting.pop(key, None)
+            self._waiting_since.pop(key, None)
 
     def _virtnet_poll(self, rec: EventRecord) -> None:
         if "irq" in rec:
             self._note(rec)
         key = (rec["vm"], rec["dev"], rec["vq"])
-        waiting = self._waiting_since
-        since = waiting.get(key)
-        if since is not None and rec["t"] - since > self.stall_ns:
-            self._stall(key, since, rec["t"], rec, hung=False)
-            waiting[key] = rec["t"]  # one violation per stall_ns of waiting
+        self._check_stall(key, rec["t"], rec)
         consumed = self._consumed[key] = rec["last_used_idx"]
         if consumed == self._published.get(key, 0):
-            waiting.pop(key, None)
+            self._waiting_since.pop(key, None)
 
     def _irqfd_deassign(self, rec: EventRecord) -> None:
         self._note(rec)
@@ -294,6 +277,12 @@ class InvariantChecker:
                 f"{len(lost)} signal(s) of {efd} from t={first_t} ns on, while {vm}'s irqfd "
                 f"was attached to it (shared with {peers}), never reached {vm}", first_irq,
                 list(self._trace.get(first_irq, []))))
+
+    def _check_stall(self, key: _Queue, t: int, rec: EventRecord) -> None:
+        since = self._waiting_since.get(key)
+        if since is not None and t - since > self.stall_ns:
+            self._stall(key, since, t, rec, hung=False)
+            self._waiting_since[key] = t  # one violation per stall_ns of waiting
 
     def _stall(self, key: _Queue, since: int, t: int, rec: EventRecord, *, hung: bool) -> None:
         what = ("still untaken when the run ended quiescent: the guest waits for an "
