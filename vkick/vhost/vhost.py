@@ -147,10 +147,9 @@ async def vhost_notify(vq: VhostVirtqueue) -> bool:
     if vq.used_idx_store >= 0:
         ring.used_idx = vq.used_idx_store  # the store buffer drains
         vq.used_idx_store = -1
-    acked = vq.acked_features  # vhost_has_feature, inlined
-    if acked >> VIRTIO_F_NOTIFY_ON_EMPTY & 1 and vq.avail_idx == vq.last_avail_idx:
+    if vq.has_feature(VIRTIO_F_NOTIFY_ON_EMPTY) and vq.avail_idx == vq.last_avail_idx:
         return True
-    if not acked >> VIRTIO_RING_F_EVENT_IDX & 1:
+    if not vq.has_feature(VIRTIO_RING_F_EVENT_IDX):
         flags = early_flags if no_barrier else ring.avail_flags
         return not flags & VRING_AVAIL_F_NO_INTERRUPT
     old = vq.signalled_used
@@ -216,7 +215,7 @@ def vhost_disable_notify(vq: VhostVirtqueue) -> None:
     if used_flags & VRING_USED_F_NO_NOTIFY:
         return
     vq.used_flags = used_flags = used_flags | VRING_USED_F_NO_NOTIFY
-    if not vq.acked_features >> VIRTIO_RING_F_EVENT_IDX & 1:  # vhost_has_feature
+    if not vq.has_feature(VIRTIO_RING_F_EVENT_IDX):
         vq.ring.used_flags = used_flags
 
 
@@ -232,7 +231,7 @@ def vhost_enable_notify(vq: VhostVirtqueue) -> bool:
         return False
     vq.used_flags = used_flags = used_flags & ~VRING_USED_F_NO_NOTIFY
     ring = vq.ring
-    if not vq.acked_features >> VIRTIO_RING_F_EVENT_IDX & 1:  # vhost_has_feature
+    if not vq.has_feature(VIRTIO_RING_F_EVENT_IDX):
         ring.used_flags = used_flags
     else:
         ring.avail_event = vq.avail_idx
